@@ -1,0 +1,1 @@
+"""The paper's three applications and the `python -m snopt.experiments` command line."""
