@@ -1,7 +1,31 @@
 """snopt: verified second-order training of Neural ODEs at O(1) memory."""
 
-from snopt.adjoint import AdjointObserver, FieldOutputError, SolverError, SolveStats, odeint
+from snopt import losses, optim
+from snopt.adjoint import (
+    AdjointObserver,
+    FieldOutputError,
+    SecondOrderResult,
+    SolverError,
+    SolveStats,
+    ggn_vp,
+    hvp,
+    odeint,
+    second_order,
+)
 
 __version__ = "0.1.0"
 
-__all__ = ["AdjointObserver", "FieldOutputError", "SolveStats", "SolverError", "__version__", "odeint"]
+__all__ = [
+    "AdjointObserver",
+    "FieldOutputError",
+    "SecondOrderResult",
+    "SolveStats",
+    "SolverError",
+    "__version__",
+    "ggn_vp",
+    "hvp",
+    "losses",
+    "odeint",
+    "optim",
+    "second_order",
+]

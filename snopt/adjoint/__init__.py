@@ -1,8 +1,11 @@
-"""Adjoint ODE solves: first order (`odeint`) and, later, second order."""
+"""Adjoint ODE solves: first order (`odeint`) and second order (`second_order`, `hvp`, `ggn_vp`)."""
 
 from snopt.adjoint._field import Field, FieldOutputError
+from snopt.adjoint._hvp import ggn_vp, hvp
 from snopt.adjoint._observer import AdjointObserver, SolveStats
 from snopt.adjoint._odeint import odeint
+from snopt.adjoint._second_order import SecondOrderResult, second_order
 from snopt.adjoint._solve import SolverError
 
-__all__ = ["AdjointObserver", "Field", "FieldOutputError", "SolveStats", "SolverError", "odeint"]
+__all__ = ["AdjointObserver", "Field", "FieldOutputError", "SecondOrderResult", "SolveStats", "SolverError",
+           "ggn_vp", "hvp", "odeint", "second_order"]
