@@ -1,0 +1,62 @@
+"""Kronecker-factored curvature of SNOpt: per-layer factors, eigenbases and the eigen-corrected update.
+
+Pure functions on tensors (no hooks, no optimizer state): `_layers` turns a layer's input
+and output cotangent into the matrices ā and g, `_kron` folds them into time-integrated
+factors A and G, and `_eigen` builds the eigenbasis and the preconditioned update.
+"""
+
+from snopt.curvature._eigen import (
+    CurvatureWarning,
+    EigenBasis,
+    eigenbasis,
+    init_second_moment,
+    precondition,
+    precondition_,
+    rotate,
+    unrotate,
+)
+from snopt.curvature._kron import (
+    KronFactors,
+    ReduceAccumulator,
+    TimeSharing,
+    VecOrder,
+    Weight,
+    accumulate_,
+    kron_block,
+    time_average,
+)
+from snopt.curvature._layers import (
+    KronLayer,
+    is_kron_layer,
+    layer_dims,
+    layer_inputs,
+    layer_output_grads,
+    set_weight_grad_matrix,
+    weight_grad_matrix,
+)
+
+__all__ = [
+    "CurvatureWarning",
+    "EigenBasis",
+    "KronFactors",
+    "KronLayer",
+    "ReduceAccumulator",
+    "TimeSharing",
+    "VecOrder",
+    "Weight",
+    "accumulate_",
+    "eigenbasis",
+    "init_second_moment",
+    "is_kron_layer",
+    "kron_block",
+    "layer_dims",
+    "layer_inputs",
+    "layer_output_grads",
+    "precondition",
+    "precondition_",
+    "rotate",
+    "set_weight_grad_matrix",
+    "time_average",
+    "unrotate",
+    "weight_grad_matrix",
+]
