@@ -12,12 +12,16 @@ from snopt.adjoint import (
     odeint,
     second_order,
 )
+from snopt.nn import ODEBlock
+from snopt.optim import SNOpt
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AdjointObserver",
     "FieldOutputError",
+    "ODEBlock",
+    "SNOpt",
     "SecondOrderResult",
     "SolveStats",
     "SolverError",

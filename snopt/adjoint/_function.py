@@ -8,7 +8,6 @@ memory is independent of the number of solver steps. The Function defines
 rule (one solve per batch member), so `torch.func.grad`, `jvp` and `vmap` work over it.
 """
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,25 +50,38 @@ def _mixed_norm(state: tuple[Tensor, ...]) -> Tensor:
 
 
 class _BackwardDynamics:
-    """(x, a, g_θ) ↦ (F, −aᵀF_x, −aᵀF_θ); reports accepted steps to an observer."""
+    """(x, a, g_θ) ↦ (F, −aᵀF_x, −aᵀF_θ); reports accepted steps to an observer.
+
+    The observer is called when the latest evaluation of these dynamics lies at a point of
+    an accepted step: for fixed-grid methods right after the first stage of each step (its
+    start, exactly); for adaptive methods on acceptance, when the latest evaluation is the
+    step's last stage (its end, exactly, for the FSAL methods dopri5 and bosh3).
+    """
 
     def __init__(self, cfg: SolveConfig, params: tuple[Tensor, ...]) -> None:
         self.field = cfg.field
         self.params = params
-        obs = cfg.observer
-        if obs is not None:
-            name = "callback_accept_step" if cfg.adaptive_backward else "callback_step"
-            setattr(self, name, self._report(obs))
+        self.observer = cfg.observer
+        self.pending: Tensor | None = None
+        if self.observer is not None:
+            if cfg.adaptive_backward:
+                self.callback_accept_step = self._on_accept
+            else:
+                self.callback_step = self._on_step_start
 
-    @staticmethod
-    def _report(obs: AdjointObserver) -> Callable[[Tensor, tuple[Tensor, ...], Tensor], None]:
-        def callback(t: Tensor, state: tuple[Tensor, ...], dt: Tensor) -> None:
-            obs.on_backward_step(t, state[0], state[1], dt)
-        return callback
+    def _on_accept(self, t: Tensor, state: tuple[Tensor, ...], dt: Tensor) -> None:
+        assert self.observer is not None
+        self.observer.on_backward_step(t, state[0], state[1], dt)
+
+    def _on_step_start(self, t: Tensor, state: tuple[Tensor, ...], dt: Tensor) -> None:
+        self.pending = dt
 
     def __call__(self, t: Tensor, state: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
         x, a = state[0], state[1]
         f, gx, gp, _ = self.field.vjp(t, x, a, self.params)
+        if self.pending is not None and self.observer is not None:
+            dt, self.pending = self.pending, None
+            self.observer.on_backward_step(t, x, a, dt)
         return (f, -gx, *(-g for g in gp))
 
 
@@ -177,6 +189,10 @@ def adjoint_backward(cfg: SolveConfig, t: Tensor, ys: Tensor, grad_ys: Tensor, p
             if need_t:
                 # Moving an output time t_i moves y(t_i) along F; later outputs do not depend on t_i.
                 t_grad[i] = (field(t[i], ys[i], params) * grad_ys[i]).sum()
+            if cfg.observer is not None and cfg.adaptive_backward:
+                # Make the last step end exactly at t_{i-1} (no overshoot and interpolation), so that
+                # every reported step lies inside the interval and the step lengths sum to it.
+                opts["step_t"] = t[i - 1:i]
             sol = solve(dyn, (ys[i], a, *gp), torch.stack([t[i], t[i - 1]]), method=cfg.adjoint_method,
                         rtol=cfg.adjoint_rtol, atol=cfg.adjoint_atol, options=opts, where="adjoint backward",
                         clock=lambda: field.last_t)

@@ -1,0 +1,5 @@
+"""Neural ODE building blocks."""
+
+from snopt.nn._ode_block import ODEBlock
+
+__all__ = ["ODEBlock"]
