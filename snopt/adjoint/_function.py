@@ -63,6 +63,7 @@ class _BackwardDynamics:
         self.params = params
         self.observer = cfg.observer
         self.pending: Tensor | None = None
+        self.direction = -1.0  # sign of the backward solve's time direction (set per interval)
         if self.observer is not None:
             if cfg.adaptive_backward:
                 self.callback_accept_step = self._on_accept
@@ -71,7 +72,8 @@ class _BackwardDynamics:
 
     def _on_accept(self, t: Tensor, state: tuple[Tensor, ...], dt: Tensor) -> None:
         assert self.observer is not None
-        self.observer.on_backward_step(t, state[0], state[1], dt)
+        # The latest evaluation is the step's last stage, at its end.
+        self.observer.on_backward_step(t + self.direction * dt, dt)
 
     def _on_step_start(self, t: Tensor, state: tuple[Tensor, ...], dt: Tensor) -> None:
         self.pending = dt
@@ -81,7 +83,7 @@ class _BackwardDynamics:
         f, gx, gp, _ = self.field.vjp(t, x, a, self.params)
         if self.pending is not None and self.observer is not None:
             dt, self.pending = self.pending, None
-            self.observer.on_backward_step(t, x, a, dt)
+            self.observer.on_backward_step(t, dt)
         return (f, -gx, *(-g for g in gp))
 
 
@@ -178,6 +180,7 @@ def adjoint_backward(cfg: SolveConfig, t: Tensor, ys: Tensor, grad_ys: Tensor, p
     before = field.nfe
     dyn = _BackwardDynamics(cfg, params)
     opts = dict(cfg.adjoint_options)
+    user_step_t = opts.get("step_t")
     if cfg.adaptive_backward and "norm" not in opts:
         opts["norm"] = _seminorm if cfg.adjoint_norm == "seminorm" else _mixed_norm
     with torch.no_grad():
@@ -189,10 +192,14 @@ def adjoint_backward(cfg: SolveConfig, t: Tensor, ys: Tensor, grad_ys: Tensor, p
             if need_t:
                 # Moving an output time t_i moves y(t_i) along F; later outputs do not depend on t_i.
                 t_grad[i] = (field(t[i], ys[i], params) * grad_ys[i]).sum()
+            dyn.direction = 1.0 if bool(t[i - 1] > t[i]) else -1.0
             if cfg.observer is not None and cfg.adaptive_backward:
                 # Make the last step end exactly at t_{i-1} (no overshoot and interpolation), so that
-                # every reported step lies inside the interval and the step lengths sum to it.
-                opts["step_t"] = t[i - 1:i]
+                # every reported step lies inside the interval and the step lengths sum to it; keep
+                # any step times the caller asked for inside the interval (e.g. a sampling grid).
+                lo, hi = torch.minimum(t[i - 1], t[i]), torch.maximum(t[i - 1], t[i])
+                extra = user_step_t[(user_step_t > lo) & (user_step_t < hi)] if user_step_t is not None else t[:0]
+                opts["step_t"] = torch.unique(torch.cat([extra.to(t), t[i - 1:i]]))
             sol = solve(dyn, (ys[i], a, *gp), torch.stack([t[i], t[i - 1]]), method=cfg.adjoint_method,
                         rtol=cfg.adjoint_rtol, atol=cfg.adjoint_atol, options=opts, where="adjoint backward",
                         clock=lambda: field.last_t)

@@ -8,14 +8,19 @@ from torch import Tensor
 
 @runtime_checkable
 class AdjointObserver(Protocol):
-    """Called once per accepted step of the adjoint's backward solve.
+    """Told when the adjoint's latest evaluation stands for an accepted backward step.
 
-    `t` is the real (decreasing) time at the start of the step, `x` the re-solved state
-    there, `a` the adjoint dL/dx there, `dt` the (positive) length of the step. Grad
-    mode is off. Tensors must not be stored: they are reused by the solver.
+    ``on_backward_step(t, dt)`` is called right after an evaluation of the backward dynamics
+    (F and its vector-Jacobian product) at time `t` that represents an accepted step of
+    length `dt` > 0: for fixed-grid methods the first stage of each step (its start); for
+    adaptive methods the last stage on acceptance (the step's end, exactly, for the FSAL
+    methods dopri5 and bosh3; the last step is pinned to the interval's end). So Σ dt over
+    one backward solve is the length of the time interval, and a statistic read from the
+    latest evaluation (e.g. by module hooks) weighted by dt is a Riemann sum over [t0, t1].
+    Grad mode is off; tensors must not be stored beyond the call.
     """
 
-    def on_backward_step(self, t: Tensor, x: Tensor, a: Tensor, dt: Tensor) -> None:
+    def on_backward_step(self, t: Tensor, dt: Tensor) -> None:
         """Receive one accepted backward step."""
 
 

@@ -5,6 +5,7 @@ and output cotangent into the matrices ā and g, `_kron` folds them into time-in
 factors A and G, and `_eigen` builds the eigenbasis and the preconditioned update.
 """
 
+from snopt.curvature._collector import FactorCollector
 from snopt.curvature._eigen import (
     CurvatureWarning,
     EigenBasis,
@@ -15,6 +16,7 @@ from snopt.curvature._eigen import (
     rotate,
     unrotate,
 )
+from snopt.curvature._ggn import ggn_factors, hessian_roots
 from snopt.curvature._kron import (
     KronFactors,
     ReduceAccumulator,
@@ -38,6 +40,7 @@ from snopt.curvature._layers import (
 __all__ = [
     "CurvatureWarning",
     "EigenBasis",
+    "FactorCollector",
     "KronFactors",
     "KronLayer",
     "ReduceAccumulator",
@@ -46,6 +49,8 @@ __all__ = [
     "Weight",
     "accumulate_",
     "eigenbasis",
+    "ggn_factors",
+    "hessian_roots",
     "init_second_moment",
     "is_kron_layer",
     "kron_block",

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from snopt.curvature._kron import KronFactors, accumulate_
+from snopt.curvature._kron import KronFactors, ReduceAccumulator, TimeSharing, accumulate_
 from snopt.curvature._layers import is_kron_layer, layer_dims, layer_inputs, layer_output_grads
 
 
@@ -42,6 +42,13 @@ class FactorCollector:
         module: The module to watch (an ODE block's vector field, or a whole model).
         mode: ``"ode"`` (fold on accepted backward steps) or ``"static"`` (fold every call).
         exclude: Modules not to watch (e.g. layers handled by another collector).
+        time_sharing: ``"expand"`` (each time sample × batch × location a data point) or
+            ``"reduce"`` (per sample and location, ā averaged and g integrated over time
+            before the outer products; ``"ode"`` mode only).
+        cotangent: ``"batch_mean"`` (default: g is the cotangent of a batch-mean loss and is
+            multiplied by B·sqrt(L), giving the empirical Fisher of the per-sample losses) or
+            ``"sum"`` (g multiplied by sqrt(B·L) only, so G = ∫ Σ_{b,l} g gᵀ dt: what a
+            Gauss-Newton root cotangent needs, see `ggn_factors`).
 
     Attributes:
         factors: Layer name → accumulated `KronFactors` (created on first data).
@@ -50,9 +57,20 @@ class FactorCollector:
     """
 
     def __init__(self, module: nn.Module, *, mode: Literal["ode", "static"] = "ode",
-                 exclude: set[nn.Module] | None = None) -> None:
+                 exclude: set[nn.Module] | None = None,
+                 time_sharing: TimeSharing | str = TimeSharing.EXPAND,
+                 cotangent: Literal["batch_mean", "sum"] = "batch_mean") -> None:
         if mode not in ("ode", "static"):
             raise ValueError(f"`mode` must be 'ode' or 'static'; got {mode!r}.")
+        if cotangent not in ("batch_mean", "sum"):
+            raise ValueError(f"`cotangent` must be 'batch_mean' or 'sum'; got {cotangent!r}.")
+        self.cotangent = cotangent
+        self.time_sharing = TimeSharing(time_sharing)
+        if self.time_sharing is TimeSharing.REDUCE and mode != "ode":
+            raise ValueError("time_sharing='reduce' needs mode='ode' (there is no time to reduce over otherwise).")
+        self._reduce: dict[str, ReduceAccumulator] = {}
+        self.grid_h: float | None = None
+        self.grid_t0 = 0.0
         skip = exclude or set()
         self.mode = mode
         self.layers: dict[str, nn.Module] = {
@@ -78,7 +96,15 @@ class FactorCollector:
         """Zero the factors (keeping their memory) and forget the latest evaluations."""
         for f in self.factors.values():
             f.reset_()
+        for r in self._reduce.values():
+            r.reset_()
         self._latest.clear()
+
+    def kron_factors(self) -> dict[str, KronFactors]:
+        """The accumulated factors per layer (finalised from the running sums in "reduce" mode)."""
+        if self.time_sharing is TimeSharing.EXPAND:
+            return dict(self.factors)
+        return {name: acc.finalize() for name, acc in self._reduce.items() if bool(acc.weight > 0)}
 
     def _forward_hook(self, name: str) -> Any:
         def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
@@ -104,14 +130,33 @@ class FactorCollector:
         if name not in self.factors:
             d_in, d_out = layer_dims(module)
             self.factors[name] = KronFactors.zeros(d_in, d_out, dtype=a_bar.dtype, device=a_bar.device)
-        accumulate_(self.factors[name], a_bar, g_rows * (b * math.sqrt(locations)), weight)
+        scale = b * math.sqrt(locations) if self.cotangent == "batch_mean" else math.sqrt(b * locations)
+        if self.time_sharing is TimeSharing.REDUCE:
+            if name not in self._reduce:
+                d_in, d_out = layer_dims(module)
+                self._reduce[name] = ReduceAccumulator(d_in, d_out, dtype=a_bar.dtype, device=a_bar.device)
+            acc = self._reduce[name]
+            acc.add_(a_bar.reshape(b, -1, a_bar.shape[1]), (g_rows * scale).reshape(b, -1, g_rows.shape[1]), weight)
+            return
+        accumulate_(self.factors[name], a_bar, g_rows * scale, weight)
 
-    def on_backward_step(self, t: Tensor, x: Tensor, a: Tensor, dt: Tensor) -> None:
-        """Fold the latest (a, g) of every layer with weight dt (the `AdjointObserver` protocol)."""
+    def on_backward_step(self, t: Tensor, dt: Tensor) -> None:
+        """Fold the latest (a, g) of every layer with weight dt (the `AdjointObserver` protocol).
+
+        With a sampling grid (``grid_h``), only evaluations on the grid t0 + k·h are folded,
+        with weight h.
+        """
         if not self.enabled:
             return
+        weight: Tensor | float = dt.abs()
+        if self.grid_h is not None:
+            k = float((t - self.grid_t0) / self.grid_h)
+            if abs(k - round(k)) > 1e-6:
+                self._latest.clear()
+                return
+            weight = self.grid_h
         for name, (ai, gi) in self._latest.items():
-            self._fold(name, self.layers[name], ai, gi, dt.abs())
+            self._fold(name, self.layers[name], ai, gi, weight)
         self._latest.clear()
 
 

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from snopt._checks import ADAPTIVE_METHODS
 from snopt.curvature._collector import FactorCollector
 from snopt.curvature._eigen import CurvatureWarning, EigenBasis, eigenbasis, init_second_moment, precondition_
 from snopt.curvature._layers import set_weight_grad_matrix, weight_grad_matrix
@@ -47,6 +48,11 @@ class SNOpt(torch.optim.Optimizer):
         alpha: Decay of m2 in [0, 1].
         full_precond: Also precondition Linear/Conv2d layers outside ODE blocks.
         damping: Extra shift added to the factors' eigenvalues (≥ 0).
+        time_sharing: ``"expand"`` (the paper) or ``"reduce"`` for layers inside ODE blocks.
+        sampling: ``"steps"`` (statistics at the adjoint's accepted steps, weight dt: no extra
+            work) or ``"grid"`` (the paper's fixed grid t0 + k·h, weight h; the backward solve is
+            made to stop at every grid point on collection iterations, which costs steps).
+        grid_h: Grid spacing for ``sampling="grid"`` (the paper's 0.01).
 
     Raises:
         ValueError: On invalid hyper-parameters, or a model with nothing to precondition.
@@ -58,7 +64,8 @@ class SNOpt(torch.optim.Optimizer):
     """
 
     def __init__(self, model: nn.Module, base: torch.optim.Optimizer, *, eps: float = 0.05, update_freq: int = 100,
-                 alpha: float = 0.75, full_precond: bool = True, damping: float = 0.0) -> None:
+                 alpha: float = 0.75, full_precond: bool = True, damping: float = 0.0,
+                 time_sharing: str = "expand", sampling: str = "steps", grid_h: float = 0.01) -> None:
         if not eps > 0:
             raise ValueError(f"Invalid eps: {eps} (must be > 0)")
         if not 0.0 <= alpha <= 1.0:
@@ -67,6 +74,12 @@ class SNOpt(torch.optim.Optimizer):
             raise ValueError(f"Invalid update_freq: {update_freq} (must be an integer ≥ 1)")
         if not damping >= 0:
             raise ValueError(f"Invalid damping: {damping} (must be ≥ 0)")
+        if sampling not in ("steps", "grid"):
+            raise ValueError(f"Invalid sampling: {sampling!r} (must be 'steps' or 'grid')")
+        if not grid_h > 0:
+            raise ValueError(f"Invalid grid_h: {grid_h} (must be > 0)")
+        if time_sharing not in ("expand", "reduce"):
+            raise ValueError(f"Invalid time_sharing: {time_sharing!r} (must be 'expand' or 'reduce')")
         if not isinstance(base, torch.optim.Optimizer):
             raise TypeError(f"`base` must be a torch.optim.Optimizer; got {type(base).__name__}.")
         self.base = base
@@ -77,8 +90,16 @@ class SNOpt(torch.optim.Optimizer):
         owned = {id(p) for g in self.param_groups for p in g["params"]}
         self.collectors: list[FactorCollector] = []
         ode_layers: set[nn.Module] = set()
-        for block in (m for m in model.modules() if isinstance(m, ODEBlock)):
-            c = FactorCollector(block.func, mode="ode")
+        self.blocks: list[ODEBlock] = [m for m in model.modules() if isinstance(m, ODEBlock)]
+        self.sampling = sampling
+        self.grid_h = grid_h
+        for block in self.blocks:
+            if sampling == "grid" and block.method not in ADAPTIVE_METHODS:
+                raise ValueError(f"sampling='grid' needs an adaptive method; block uses {block.method!r}: "
+                                 f"use sampling='steps' with options={{'step_size': {grid_h}}} instead.")
+            c = FactorCollector(block.func, mode="ode", time_sharing=time_sharing)
+            if sampling == "grid":
+                c.grid_h, c.grid_t0 = grid_h, float(block.t0)
             block.observer = c
             self.collectors.append(c)
             ode_layers.update(c.layers.values())
@@ -96,6 +117,17 @@ class SNOpt(torch.optim.Optimizer):
     def _set_collecting(self, on: bool) -> None:
         for c in self.collectors:
             c.enabled = on
+        if self.sampling == "grid":
+            for block in self.blocks:
+                block.adjoint_options = self._grid_options(block) if on else None
+
+    def _grid_options(self, block: ODEBlock) -> dict[str, Any]:
+        t0, t1 = float(block.t0), float(block.t1)
+        n = int(round((t1 - t0) / self.grid_h))
+        grid = t0 + self.grid_h * torch.arange(0, n + 1, dtype=torch.float64)
+        opts = {k: v for k, v in block.options.items() if k != "norm"}
+        opts["step_t"] = grid[(grid > t0) & (grid < t1)]
+        return opts
 
     def _group_of(self, p: Tensor) -> dict[str, Any]:
         for g in self.param_groups:
@@ -108,8 +140,9 @@ class SNOpt(torch.optim.Optimizer):
                    if p.grad is not None)
 
     def _refresh(self) -> None:
+        factors = {id(c): c.kron_factors() for c in self.collectors}
         for layer in self.layers:
-            f = layer.collector.factors.get(layer.name)
+            f = factors[id(layer.collector)].get(layer.name)
             if f is None or not bool(f.weight > 0):
                 continue
             if not (bool(torch.isfinite(f.A).all()) and bool(torch.isfinite(f.G).all())):
