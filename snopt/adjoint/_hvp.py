@@ -21,6 +21,7 @@ from torch import Tensor
 from torch.func import grad, vmap
 
 from snopt._types import LossFn, VectorField
+from snopt.adjoint._flat import flatten, unflatten
 from snopt.adjoint._func import jvp, vjp
 from snopt.adjoint._problem import Norm, Problem, make_problem
 
@@ -52,40 +53,57 @@ def _tangent_forward(prob: Problem, v: Tensor, norm: Norm) -> tuple[Tensor, Tens
 
 
 def _batched_jvp(prob: Problem, t: Tensor, x: Tensor, xd: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-    theta = prob.theta
-
-    def one(xd_: Tensor, v_: Tensor) -> tuple[Tensor, Tensor]:
-        f, fd = jvp(lambda x_, p_: prob.F(t, x_, p_), (x, theta), (xd_, v_))
-        return f, fd
-
-    fs, fds = vmap(one)(xd, v)
-    return fs[0].detach(), fds.detach()
+    """F and F_x ẋ_k + F_θ v_k for each direction k (the double-vjp trick on one graph)."""
+    field = prob.field
+    shape = prob.x0.shape
+    ps = field.params
+    vs = [unflatten(vk, prob.params) for vk in v]
+    x_ = x.detach().reshape(shape).requires_grad_(True)
+    f = field(t, x_, ps)
+    u = torch.zeros_like(f, requires_grad=True)
+    g = torch.autograd.grad(f, (x_, *ps), u, create_graph=True, allow_unused=True, materialize_grads=True)
+    fds = [torch.autograd.grad(g, u, (xd[k].reshape(shape), *vs[k]), retain_graph=True)[0].reshape(-1)
+           for k in range(v.shape[0])]
+    return f.detach().reshape(-1), torch.stack(fds).detach()
 
 
 class _HvpBackward:
-    """(x, ẋ, a, ȧ, g, ġ) ↦ (F, Ḟ, −F_xᵀa, −(F_xᵀa)˙, −F_θᵀa, −(F_θᵀa)˙)."""
+    """(x, ẋ, a, ȧ, g, ġ) ↦ (F, Ḟ, −F_xᵀa, −(F_xᵀa)˙, −F_θᵀa, −(F_θᵀa)˙).
+
+    Per evaluation: one forward of F with the module's own parameters, one vjp with
+    cotangent a kept differentiable, then one double-backward along (ẋ, v) that returns at
+    once the Hessian-vector products of aᵀF (the second-derivative terms of the tangent
+    adjoint) and, through a, the jvp Ḟ = F_x ẋ + F_θ v (the double-vjp trick); plus one vjp
+    with ȧ. Several directions reuse the same graphs.
+    """
 
     def __init__(self, prob: Problem, v: Tensor) -> None:
         self.prob = prob
-        self.v = v
+        self.vs = [unflatten(vk, prob.params) for vk in v]
 
     def __call__(self, t: Tensor, state: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
         prob = self.prob
+        field = prob.field
+        shape = prob.x0.shape
         x, xd, a, ad = state[0], state[1], state[2], state[3]
-        theta = prob.theta
-
-        def vjp_map(x_: Tensor, p_: Tensor, a_: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-            f, pull = vjp(lambda xx, pp: prob.F(t, xx, pp), x_, p_)
-            gx, gp = pull(a_)
-            return f, gx, gp
-
-        def one(xd_: Tensor, v_: Tensor, ad_: Tensor) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
-            prim, tang = jvp(vjp_map, (x, theta, a), (xd_, v_, ad_))
-            return prim, tang
-
+        ps = field.params
         with torch.enable_grad():
-            (f, gx, gp), (fd, gxd, gpd) = vmap(one)(xd, self.v, ad)
-        return (f[0].detach(), fd.detach(), -gx[0].detach(), -gxd.detach(), -gp[0].detach(), -gpd.detach())
+            x_ = x.detach().reshape(shape).requires_grad_(True)
+            a_ = a.detach().reshape(shape).requires_grad_(True)
+            f = field(t, x_, ps)
+            g = torch.autograd.grad(f, (x_, *ps), a_, create_graph=True, allow_unused=True, materialize_grads=True)
+            outs_fd, outs_gxd, outs_gpd = [], [], []
+            for k, vk in enumerate(self.vs):
+                h = torch.autograd.grad(g, (x_, *ps, a_), (xd[k].reshape(shape), *vk), retain_graph=True,
+                                        allow_unused=True, materialize_grads=True)
+                j = torch.autograd.grad(f, (x_, *ps), ad[k].reshape(shape), retain_graph=True, allow_unused=True,
+                                        materialize_grads=True)
+                outs_fd.append(h[-1].reshape(-1))
+                outs_gxd.append((h[0] + j[0]).reshape(-1))
+                outs_gpd.append(flatten([hi + ji for hi, ji in zip(h[1:-1], j[1:], strict=True)]))
+        gp = flatten([gi.detach() for gi in g[1:]])
+        return (f.detach().reshape(-1), torch.stack(outs_fd).detach(), -g[0].detach().reshape(-1),
+                -torch.stack(outs_gxd).detach(), -gp, -torch.stack(outs_gpd).detach())
 
 
 def hvp(func: VectorField, x0: Tensor, t_span: Tensor, loss_fn: LossFn, v: Tensor, *, method: str | None = "dopri5",

@@ -1,0 +1,91 @@
+"""CPU/GPU agreement: the same problem on CUDA and on the CPU gives the same derivatives (skipped without CUDA)."""
+
+import pytest
+import torch
+
+import snopt
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+F64 = torch.float64
+
+
+class Field(torch.nn.Module):
+    def __init__(self, d: int = 3, width: int = 16) -> None:
+        super().__init__()
+        self.l1 = torch.nn.Linear(d + 1, width)
+        self.l2 = torch.nn.Linear(width, d)
+
+    def forward(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        tt = t.expand(*x.shape[:-1], 1)
+        return self.l2(torch.tanh(self.l1(torch.cat([x, tt], -1))))
+
+
+def _problem(device: str, dtype: torch.dtype) -> tuple[Field, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    f = Field().to(device=device, dtype=dtype)
+    x0 = torch.randn(5, 3, generator=torch.Generator().manual_seed(1), dtype=dtype).to(device)
+    t = torch.tensor([0.0, 0.6, 1.2], dtype=dtype, device=device)
+    return f, x0, t
+
+
+def _grads(device: str, dtype: torch.dtype, method: str) -> list[torch.Tensor]:
+    f, x0, t = _problem(device, dtype)
+    x0.requires_grad_(True)
+    t.requires_grad_(True)
+    opts = {"step_size": 0.01} if method == "rk4" else {}
+    ys = snopt.odeint(f, x0, t, method=method, options=opts, rtol=1e-9, atol=1e-9)
+    grads = torch.autograd.grad((ys ** 2).sum(), (x0, t, *f.parameters()))
+    return [g.detach().cpu() for g in grads]
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+@cuda
+@pytest.mark.parametrize("method", ["dopri5", "rk4"])
+def test_odeint_gradients_agree_cpu_gpu_float64(method: str) -> None:
+    cpu, gpu = _grads("cpu", F64, method), _grads("cuda", F64, method)
+    # Same float64 arithmetic up to reduction order: agreement far below the solver tolerance.
+    assert max(_rel(g, c) for g, c in zip(gpu, cpu)) < 1e-7
+
+
+@cuda
+def test_odeint_float32_on_gpu_close_to_float64() -> None:
+    ref, gpu = _grads("cpu", F64, "rk4"), _grads("cuda", torch.float32, "rk4")
+    # float32 round-off accumulated over 120 rk4 steps.
+    assert max(_rel(g.double(), c) for g, c in zip(gpu, ref)) < 1e-3
+
+
+@cuda
+def test_hvp_and_second_order_agree_cpu_gpu() -> None:
+    out = {}
+    for device in ("cpu", "cuda"):
+        f, x0, _ = _problem(device, F64)
+        t = torch.tensor([0.0, 1.0], dtype=F64, device=device)
+        loss = snopt.losses.MSELoss(torch.zeros(5, 3, dtype=F64, device=device))
+        p = sum(q.numel() for q in f.parameters())
+        v = torch.randn(p, dtype=F64, generator=torch.Generator().manual_seed(2)).to(device)
+        so = snopt.second_order(f, x0, t, loss, rtol=1e-9, atol=1e-9)
+        out[device] = (snopt.hvp(f, x0, t, loss, v, rtol=1e-9, atol=1e-9).cpu(), so.hess_params.cpu())
+    assert _rel(out["cuda"][0], out["cpu"][0]) < 1e-7
+    assert _rel(out["cuda"][1], out["cpu"][1]) < 1e-7
+
+
+@cuda
+def test_snopt_steps_agree_cpu_gpu() -> None:
+    params = {}
+    for device in ("cpu", "cuda"):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(snopt.ODEBlock(Field(), method="rk4", options={"step_size": 0.1}),
+                                    torch.nn.Linear(3, 4)).to(device=device, dtype=F64)
+        opt = snopt.SNOpt(model, torch.optim.SGD(model.parameters(), lr=0.1), update_freq=2)
+        g = torch.Generator().manual_seed(3)
+        for _ in range(3):
+            x = torch.randn(8, 3, dtype=F64, generator=g).to(device)
+            y = torch.randint(0, 4, (8,), generator=g).to(device)
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+        params[device] = torch.cat([p.detach().cpu().reshape(-1) for p in model.parameters()])
+    assert _rel(params["cuda"], params["cpu"]) < 1e-9
