@@ -222,3 +222,14 @@ def test_no_gradient_requested_for_t_leaves_it_none() -> None:
     y0 = torch.randn(3, dtype=F64, requires_grad=True)
     snopt.odeint(MLP(), y0, t)[-1].sum().backward()
     assert t.grad is None and y0.grad is not None
+
+
+@pytest.mark.xfail(raises=RuntimeError, strict=True,
+                   reason="snopt's forward-mode rule (_TangentSolve) has no vmap rule, so torch.func.jacfwd "
+                          "(vmap over jvp) fails; jvp alone and jacrev work. Remove this mark when fixed.")
+def test_jacfwd_over_odeint() -> None:
+    f = MLP()
+    t = torch.tensor([0.0, 1.0], dtype=F64)
+    y0 = torch.randn(3, dtype=F64)
+    jac = torch.func.jacfwd(lambda y: snopt.odeint(f, y, t)[-1])(y0)
+    assert jac.shape == (3, 3)

@@ -75,6 +75,10 @@ def jvp_fd(problem: Problem) -> Check:
     return lambda: (grads.jvp_errors(problem, seed=0)["fd"], 1e-6)
 
 
+def jacrev(problem: Problem) -> Check:
+    return lambda: (max(grads.jacrev_errors(problem).values()), grads.TOL_CLOSED_FORM)
+
+
 def vmap(problem: Problem) -> Check:
     return lambda: (max(grads.vmap_errors(problem).values()), 1e-13)
 
@@ -98,6 +102,7 @@ CHECKS: dict[str, Check] = {
     "jvp_closed_form": jvp(LINEAR),
     "jvp_finite_differences": jvp_fd(LINEAR),
     "vmap": vmap(MLP),
+    "jacrev": jacrev(grads.JACREV_PROBLEM),
     "rtol_convergence": rtol_convergence(RTOL_PROBLEM),
 }
 
@@ -219,6 +224,7 @@ KILLS: list[tuple[str, Mutation, str]] = [
     ("flip sign of -a^T F_theta", flip_param_term, "rk4_reference"),
     ("flip sign of -a^T F_x", flip_adjoint_term, "closed_form"),
     ("flip sign of -a^T F_x", flip_adjoint_term, "closed_form_decreasing_t"),
+    ("flip sign of -a^T F_x", flip_adjoint_term, "jacrev"),
     ("halve -a^T F_x", half_adjoint_term, "rk4_reference"),
     ("halve -a^T F_x", half_adjoint_term, "closed_form_seminorm"),
     ("forget dL/dt0 flow term", forget_t0_flow_term, "closed_form_t"),
