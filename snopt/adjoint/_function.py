@@ -233,6 +233,15 @@ class _TangentSolve(torch.autograd.Function):
         raise NotImplementedError("Reverse mode over the forward-mode rule of snopt.odeint is not supported; "
                                   "use snopt.hvp for second derivatives.")
 
+    @staticmethod
+    def vmap(info: Any, in_dims: tuple[int | None, ...], *args: Any) -> tuple[Tensor, int]:
+        # jacfwd = vmap over jvp: one tangent solve per batch member.
+        outs = []
+        for b in range(info.batch_size):
+            sliced = [x if d is None else x.select(d, b) for x, d in zip(args, in_dims, strict=True)]
+            outs.append(_TangentSolve.apply(*sliced))  # type: ignore[no-untyped-call]
+        return torch.stack(outs, 0), 0
+
 
 def tangent_solve(cfg: SolveConfig, y0: Tensor, t: Tensor, ys: Tensor, params: tuple[Tensor, ...],
                   y0_dot: Tensor | None, t_dot: Tensor | None, p_dots: tuple[Tensor, ...]) -> Tensor:
