@@ -51,7 +51,9 @@ def ggn_factors(block: ODEBlock, x: Tensor, loss_fn: Callable[[Tensor], Tensor])
         loss_fn: Φ on the block's output (optionally with ``hessian_roots``).
 
     Returns:
-        Layer name (within `block.func`) → factors with G = ∫ Σ_k Σ_{b,l} g_k g_kᵀ dt.
+        Layer name (within `block.func`) → factors with A = ∫ E_{b,l}[ā āᵀ] dt (averaged over the
+        k solves, which all visit the same trajectory; ``weight`` = t1 − t0 likewise) and
+        G = ∫ Σ_k Σ_{b,l} g_k g_kᵀ dt.
     """
     collector = FactorCollector(block.func, mode="ode", cotangent="sum")
     old = block.observer
@@ -67,4 +69,10 @@ def ggn_factors(block: ODEBlock, x: Tensor, loss_fn: Callable[[Tensor], Tensor])
     finally:
         block.observer = old
         collector.remove()
+    # Every root solve folds the same layer inputs into A (and its dt into the weight): G must sum
+    # over the k roots, A must not, so A and the weight are averaged over the k solves.
+    k = max(1, len(roots))
+    for f in collector.factors.values():
+        f.A.div_(k)
+        f.weight.div_(k)
     return collector.factors

@@ -36,9 +36,11 @@ class SNOpt(torch.optim.Optimizer):
     eigenbasis, updates m2 ← α m2 + (1 − α)·B·G̃², divides by (m2 + eps), rotates back, and
     lets the base optimizer step. Other parameters pass through to the base untouched.
 
-    Hyper-parameters `eps` and `alpha` live in the (shared) param groups, so LR schedulers
-    and per-group settings work; `state_dict` holds the eigenbases, m2, the step counter
-    and the base optimizer's state.
+    Hyper-parameters `eps` and `alpha` live in the (shared) param groups under the keys
+    ``"snopt_eps"`` and ``"snopt_alpha"`` (not ``"eps"``/``"alpha"``, which Adam, Adagrad and
+    RMSprop use for their own settings), so LR schedulers and per-group settings work, e.g.
+    ``SGD([{"params": ..., "lr": 0.1, "snopt_eps": 0.01}, ...])``; `state_dict` holds the
+    eigenbases, m2, the step counter and the base optimizer's state.
 
     Args:
         model: The model (its ODEBlocks and layers are found by `modules()`).
@@ -85,7 +87,7 @@ class SNOpt(torch.optim.Optimizer):
         self.base = base
         self.update_freq = update_freq
         self.damping = damping
-        super().__init__(base.param_groups, {"eps": eps, "alpha": alpha})
+        super().__init__(base.param_groups, {"snopt_eps": eps, "snopt_alpha": alpha})
         self.param_groups = base.param_groups
         owned = {id(p) for g in self.param_groups for p in g["params"]}
         self.collectors: list[FactorCollector] = []
@@ -184,8 +186,9 @@ class SNOpt(torch.optim.Optimizer):
                 continue
             basis = EigenBasis(U_A=st["U_A"], U_G=st["U_G"], lam_A=st["lam_A"], lam_G=st["lam_G"])
             group = self._group_of(layer.weight)
-            update = precondition_(weight_grad_matrix(layer.module), basis, st["m2"], alpha=float(group["alpha"]),
-                                   eps=float(group["eps"]), scale=float(st["batch_size"]))
+            update = precondition_(weight_grad_matrix(layer.module), basis, st["m2"],
+                                   alpha=float(group["snopt_alpha"]), eps=float(group["snopt_eps"]),
+                                   scale=float(st["batch_size"]))
             set_weight_grad_matrix(layer.module, update)
         self.base.step()
         self._k += 1
