@@ -13,6 +13,7 @@ from snopt.curvature._collector import FactorCollector
 from snopt.curvature._eigen import CurvatureWarning, EigenBasis, eigenbasis, init_second_moment, precondition_
 from snopt.curvature._layers import set_weight_grad_matrix, weight_grad_matrix
 from snopt.nn._ode_block import ODEBlock
+from snopt.optim._distributed import make_distributed
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,9 @@ class SNOpt(torch.optim.Optimizer):
             work) or ``"grid"`` (the paper's fixed grid t0 + k·h, weight h; the backward solve is
             made to stop at every grid point on collection iterations, which costs steps).
         grid_h: Grid spacing for ``sampling="grid"`` (the paper's 0.01).
+        distributed: Data-parallel (DDP) mode: factors all-reduced once per collection
+            iteration, eigendecompositions shared out across ranks (`snopt.optim._distributed`).
+            None: on when `model` is a DistributedDataParallel over more than one rank.
 
     Raises:
         ValueError: On invalid hyper-parameters, or a model with nothing to precondition.
@@ -67,7 +71,8 @@ class SNOpt(torch.optim.Optimizer):
 
     def __init__(self, model: nn.Module, base: torch.optim.Optimizer, *, eps: float = 0.05, update_freq: int = 100,
                  alpha: float = 0.75, full_precond: bool = True, damping: float = 0.0,
-                 time_sharing: str = "expand", sampling: str = "steps", grid_h: float = 0.01) -> None:
+                 time_sharing: str = "expand", sampling: str = "steps", grid_h: float = 0.01,
+                 distributed: bool | None = None) -> None:
         if not eps > 0:
             raise ValueError(f"Invalid eps: {eps} (must be > 0)")
         if not 0.0 <= alpha <= 1.0:
@@ -115,6 +120,8 @@ class SNOpt(torch.optim.Optimizer):
                              "full_precond=True) whose weight `base` optimises: nothing to precondition.")
         self._k = 0
         self._set_collecting(True)
+        # distributed (DDP): factor all-reduce + per-rank eigendecompositions, see snopt.optim._distributed
+        self._dist = make_distributed(self, distributed, model)
 
     def _set_collecting(self, on: bool) -> None:
         for c in self.collectors:
@@ -142,6 +149,9 @@ class SNOpt(torch.optim.Optimizer):
                    if p.grad is not None)
 
     def _refresh(self) -> None:
+        if self._dist is not None:  # distributed refresh (snopt.optim._distributed)
+            self._dist.refresh(self)
+            return
         factors = {id(c): c.kron_factors() for c in self.collectors}
         for layer in self.layers:
             f = factors[id(layer.collector)].get(layer.name)
