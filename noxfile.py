@@ -22,7 +22,7 @@ def _install(session: nox.Session, extras: str) -> None:
 def tests(session: nox.Session) -> None:
     """Unit tests, the fast verification profile, mypy --strict and ruff: the CI gate."""
     _install(session, "test,experiments")
-    session.run("ruff", "check", "snopt", "tests", "verification", "benchmarks", "noxfile.py")
+    session.run("ruff", "check", "snopt", "tests", "verification", "benchmarks", "examples", "scripts", "noxfile.py")
     session.run("mypy", "--strict", "snopt")
     session.run("pytest", "-q", "-m", "not slow", "-p", "no:cacheprovider", *session.posargs,
                 env={"SNOPT_HYPOTHESIS_PROFILE": "fast", "OMP_NUM_THREADS": "2"})
@@ -46,7 +46,7 @@ def typecheck(session: nox.Session) -> None:
 def lint(session: nox.Session) -> None:
     """ruff."""
     session.install("ruff>=0.5")
-    session.run("ruff", "check", "snopt", "tests", "verification", "benchmarks", "noxfile.py")
+    session.run("ruff", "check", "snopt", "tests", "verification", "benchmarks", "examples", "scripts", "noxfile.py")
 
 
 @nox.session(python="3.11")
