@@ -100,6 +100,7 @@ class Result:
     test_acc: float
     train_loss: float
     wall_s: float
+    cpu_s: float
     nfe: int
     t1_trace: list[float] = field(default_factory=list)
 
@@ -131,12 +132,12 @@ def train(cfg: Config, data: snopt.data.Split, *, epochs: int, seed: int, update
     g = torch.Generator().manual_seed(seed)
     n = data.x_train.shape[0]
     nfe = 0
-    wall = 0.0
+    wall = cpu = 0.0
     for _ in range(epochs):
         perm = torch.randperm(n, generator=g)
         for i in range(0, n, BATCH):
             idx = perm[i:i + BATCH]
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             opt.zero_grad()
             loss = nn.functional.cross_entropy(model(data.x_train[idx]), data.y_train[idx])
             loss.backward()
@@ -145,10 +146,11 @@ def train(cfg: Config, data: snopt.data.Split, *, epochs: int, seed: int, update
                 ctrl.step()
                 nfe += 1
             wall += time.perf_counter() - start
+            cpu += time.process_time() - start_cpu
             nfe += model.block.stats.nfe_forward + model.block.stats.nfe_backward
     train_loss, _ = evaluate(model, data.x_train, data.y_train)
     _, acc = evaluate(model, data.x_test, data.y_test)
-    return Result(cfg, seed, float(model.block.t1), acc, train_loss, wall, nfe,
+    return Result(cfg, seed, float(model.block.t1), acc, train_loss, wall, cpu, nfe,
                   ctrl.t1_history if ctrl is not None else [cfg.t1])
 
 
@@ -187,10 +189,12 @@ def table(results: list[Result], args: argparse.Namespace) -> str:
         f"beta = 0.9, min_t1 = 0.01, lr = {args.lr_newton:g} (feedback, open_loop) / {args.lr_gradient:g} (gradient). "
         f"Seeds: {', '.join(map(str, args.seeds))}; each cell is the mean over seeds (± half-range when > 1 seed). "
         "NFE = vector-field evaluations of all training solves (forward + adjoint backward) plus the "
-        "controller's one per iteration; wall = training time only (no evaluation passes).",
+        "controller's one per iteration; wall and CPU = training time only (no evaluation passes; CPU = "
+        "process time, less sensitive than wall to other jobs on a shared machine). "
+        f"Load average (1 min) at start / end: {args.load[0]:.1f} / {os.getloadavg()[0]:.1f}.",
         "",
-        "| run | final t1 | test acc % | train loss | wall s | NFE (×1000) | wall ÷ fixed | NFE ÷ fixed |",
-        "|---|---|---|---|---|---|---|---|",
+        "| run | final t1 | test acc % | train loss | wall s | CPU s | NFE (×1000) | CPU ÷ fixed | NFE ÷ fixed |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
 
     def cell(values: list[float], fmt: str) -> str:
@@ -202,12 +206,12 @@ def table(results: list[Result], args: argparse.Namespace) -> str:
     for name in names:
         rs = [r for r in results if r.config.name == name]
         base = fixed[rs[0].config.t1]
-        wall_ratio = statistics.fmean(r.wall_s for r in rs) / statistics.fmean(r.wall_s for r in base)
+        cpu_ratio = statistics.fmean(r.cpu_s for r in rs) / statistics.fmean(r.cpu_s for r in base)
         nfe_ratio = statistics.fmean(r.nfe for r in rs) / statistics.fmean(r.nfe for r in base)
         lines.append(f"| {name} | {cell([r.final_t1 for r in rs], '.3f')} | "
                      f"{cell([100 * r.test_acc for r in rs], '.1f')} | {cell([r.train_loss for r in rs], '.3f')} | "
-                     f"{cell([r.wall_s for r in rs], '.1f')} | {cell([r.nfe / 1000 for r in rs], '.1f')} | "
-                     f"{wall_ratio:.2f} | {nfe_ratio:.2f} |")
+                     f"{cell([r.wall_s for r in rs], '.1f')} | {cell([r.cpu_s for r in rs], '.1f')} | "
+                     f"{cell([r.nfe / 1000 for r in rs], '.1f')} | {cpu_ratio:.2f} | {nfe_ratio:.2f} |")
     lines += ["", "t1 after each update (first seed):", ""]
     for name in names:
         r = next(r for r in results if r.config.name == name and r.config.policy is not None) \
@@ -230,6 +234,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
+    args.load = os.getloadavg()
     torch.set_num_threads(args.threads)
     data = snopt.data.load_digits(standardize=True)
     lr_t = {"feedback": args.lr_newton, "open_loop": args.lr_newton, "gradient": args.lr_gradient}
@@ -238,7 +243,7 @@ def main() -> None:
         for cfg in configs(args.policies, args.regs):
             r = train(cfg, data, epochs=args.epochs, seed=seed, update_freq=args.update_freq, lr_t=lr_t)
             print(f"{cfg.name:32s} seed {seed}: t1 {r.final_t1:.3f} acc {100 * r.test_acc:.1f} loss {r.train_loss:.3f}"
-                  f" wall {r.wall_s:.1f}s nfe {r.nfe}", flush=True)
+                  f" wall {r.wall_s:.1f}s cpu {r.cpu_s:.1f}s nfe {r.nfe}", flush=True)
             results.append(r)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(table(results, args))
