@@ -1,6 +1,7 @@
-"""Optimizers: SNOpt, Newton-CG (exact curvature products)."""
+"""Optimizers: SNOpt, Newton-CG (exact curvature products), the integration-time controller."""
 
+from snopt.optim._horizon import HorizonController
 from snopt.optim._newton_cg import CGResult, NewtonCG, conjugate_gradient
 from snopt.optim._snopt import SNOpt
 
-__all__ = ["CGResult", "NewtonCG", "SNOpt", "conjugate_gradient"]
+__all__ = ["CGResult", "HorizonController", "NewtonCG", "SNOpt", "conjugate_gradient"]

@@ -47,6 +47,8 @@ def conjugate_gradient(matvec: Callable[[Tensor], Tensor], b: Tensor, *, max_ite
     d = r.clone()
     rr = torch.dot(r, r)
     bnorm = float(b.norm())
+    if bnorm == 0.0:
+        return CGResult(x, 0, False, 0.0)  # x = 0 solves A x = 0 exactly
     it = 0
     for it in range(1, max_iters + 1):
         ad = matvec(d)
