@@ -64,4 +64,4 @@ class ODEBlock(nn.Module):
         return ys[-1]
 
     def extra_repr(self) -> str:
-        return f"t0={float(self.t0):g}, t1={float(self.t1):g}, method={self.method!r}, rtol={self.rtol:g}"
+        return f"t0={float(self.t0.detach()):g}, t1={float(self.t1.detach()):g}, method={self.method!r}, rtol={self.rtol:g}"

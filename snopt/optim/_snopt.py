@@ -106,7 +106,7 @@ class SNOpt(torch.optim.Optimizer):
                                  f"use sampling='steps' with options={{'step_size': {grid_h}}} instead.")
             c = FactorCollector(block.func, mode="ode", time_sharing=time_sharing)
             if sampling == "grid":
-                c.grid_h, c.grid_t0 = grid_h, float(block.t0)
+                c.grid_h, c.grid_t0 = grid_h, float(block.t0.detach())
             block.observer = c
             self.collectors.append(c)
             ode_layers.update(c.layers.values())
@@ -131,7 +131,7 @@ class SNOpt(torch.optim.Optimizer):
                 block.adjoint_options = self._grid_options(block) if on else None
 
     def _grid_options(self, block: ODEBlock) -> dict[str, Any]:
-        t0, t1 = float(block.t0), float(block.t1)
+        t0, t1 = float(block.t0.detach()), float(block.t1.detach())
         n = int(round((t1 - t0) / self.grid_h))
         grid = t0 + self.grid_h * torch.arange(0, n + 1, dtype=torch.float64)
         opts = {k: v for k, v in block.options.items() if k != "norm"}
