@@ -64,4 +64,5 @@ class ODEBlock(nn.Module):
         return ys[-1]
 
     def extra_repr(self) -> str:
-        return f"t0={float(self.t0.detach()):g}, t1={float(self.t1.detach()):g}, method={self.method!r}, rtol={self.rtol:g}"
+        t0, t1 = float(self.t0.detach()), float(self.t1.detach())
+        return f"t0={t0:g}, t1={t1:g}, method={self.method!r}, rtol={self.rtol:g}"
