@@ -1,0 +1,206 @@
+"""Density estimation with an FFJORD-style continuous normalizing flow (test NLL in nats).
+
+The flow is `snopt.nn.CNFField` (a concat-squash MLP velocity with its divergence), held by
+an `ODEBlock` so that `SNOpt` finds it; each forward pass integrates the tuple state
+(z, Δlogp) with `snopt.odeint` (O(1)-memory adjoint) and the block's observer and NFE
+counters. Training uses Hutchinson's divergence estimate in more than two dimensions and the
+exact divergence otherwise; evaluation always uses the exact divergence, at a tighter
+tolerance, and is not part of the timed training.
+
+Data: the 2-D toys (``circles`` — the paper's "Circle" —, ``moons``, ``8gaussians``,
+``pinwheel``, ``checkerboard``; fresh samples every batch, fixed test sample) and the real
+tables ``wine`` (13-D), ``breast_cancer`` (30-D) and ``old_faithful`` (2-D, dequantised),
+standardised, with a validation split (the test NLL at the best validation NLL is reported
+alongside the final one, since these small tables overfit).
+"""
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from snopt.adjoint._odeint import odeint
+from snopt.data import TOY_NAMES, TabularSplit, load_tabular, load_toy, sample_toy
+from snopt.experiments._common import EpochSampler, Resolved, RunConfig, Task, TaskDefaults
+from snopt.nn._cnf import CNFField, cnf_log_density
+from snopt.nn._ode_block import ODEBlock
+
+TABLES = ("wine", "breast_cancer", "old_faithful")
+CNF_DATASETS = (*TOY_NAMES, *TABLES)
+
+
+def cnf_defaults(dataset: str, preset: str) -> TaskDefaults:
+    """Defaults of the CNF task.
+
+    ``paper``: width 64, Hutchinson trace, rtol 1e-6 / atol 1e-8 (the paper's CNF settings),
+    Adam 1e-3. ``fast``: small widths and rtol = atol = 1e-3 for training; learning rates the
+    best of a small grid per optimizer on ``circles`` (``benchmarks/results/applications_cpu.md``;
+    the other toys reuse them and the tables use 0.01 / 0.05 / 0.05, all untuned). The NLL
+    targets are only defaults for time-to-target; the benchmark uses Adam's final NLL.
+
+    Args:
+        dataset: A toy name or ``"wine"``, ``"breast_cancer"``, ``"old_faithful"``.
+        preset: ``"fast"`` or ``"paper"``.
+
+    Returns:
+        The defaults.
+    """
+    if dataset not in CNF_DATASETS:
+        raise ValueError(f"Unknown CNF data set {dataset!r}; choose one of {CNF_DATASETS}.")
+    options: dict[str, Any] = {"hidden": 32, "num_layers": 2, "t1": 1.0, "method": "dopri5", "rtol": 1e-3,
+                               "atol": 1e-3, "eval_rtol": 1e-5, "eval_atol": 1e-5, "divergence": "auto",
+                               "n_train": 2000, "n_test": 2000, "adjoint_norm": "mixed"}
+    targets = {"circles": (2.9, 2.9), "moons": (1.6, 1.6), "8gaussians": (3.2, 3.2), "pinwheel": (2.6, 2.6),
+               "checkerboard": (3.6, 3.6), "wine": (14.0, 16.0), "breast_cancer": (25.0, 30.0),
+               "old_faithful": (2.0, 2.2)}
+    target_loss, target_metric = targets[dataset]
+    if preset == "paper":
+        return TaskDefaults(
+            iterations=5000, batch_size=1000 if dataset in TOY_NAMES else 128, eval_every=100,
+            lr={"adam": 1e-3, "sgd": 1e-2, "snopt": 1e-2}, target_loss=target_loss, target_metric=target_metric,
+            snopt_eps=0.05, snopt_freq=100,
+            options={**options, "hidden": 64, "rtol": 1e-6, "atol": 1e-8, "eval_rtol": 1e-6, "eval_atol": 1e-8,
+                     "divergence": "hutchinson"})
+    if dataset in TOY_NAMES:
+        return TaskDefaults(
+            iterations=150, batch_size=256, eval_every=10, lr={"adam": 0.1, "sgd": 0.3, "snopt": 0.03},
+            target_loss=target_loss, target_metric=target_metric, snopt_eps=0.05, snopt_freq=25, options=options)
+    return TaskDefaults(
+        iterations=150, batch_size=128, eval_every=10, lr={"adam": 0.01, "sgd": 0.05, "snopt": 0.05},
+        target_loss=target_loss, target_metric=target_metric, snopt_eps=0.05, snopt_freq=25,
+        options={**options, "hidden": 64})
+
+
+class CNFModel(nn.Module):
+    """x ↦ log p(x) (nats) by a CNF held in an `ODEBlock`.
+
+    Args:
+        dim: Data dimension.
+        hidden: Width of the concat-squash layers.
+        num_layers: Hidden layers.
+        t1: Integration time.
+        divergence: ``"exact"`` or ``"hutchinson"`` (training).
+        solver: ``method``, ``rtol``, ``atol``, ``adjoint_norm``.
+    """
+
+    def __init__(self, dim: int, hidden: int, num_layers: int, *, t1: float = 1.0, divergence: str = "exact",
+                 solver: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        kw = {"method": "dopri5", "rtol": 1e-3, "atol": 1e-3, "adjoint_norm": "mixed", **(solver or {})}
+        field = CNFField(dim, hidden=hidden, num_layers=num_layers, divergence=divergence)  # type: ignore[arg-type]
+        self.block = ODEBlock(field, t1=t1, method=kw["method"], rtol=kw["rtol"], atol=kw["atol"],
+                              adjoint_norm=kw["adjoint_norm"])
+        self.train_divergence = divergence
+
+    @property
+    def field(self) -> CNFField:
+        """The CNF vector field."""
+        f = self.block.func
+        assert isinstance(f, CNFField)
+        return f
+
+    def forward(self, x: Tensor, *, rtol: float | None = None, atol: float | None = None) -> Tensor:
+        """The log-density log p(x) (nats), shape ``(B,)``.
+
+        Args:
+            x: Points ``(B, dim)``.
+            rtol: Override of the relative tolerance (evaluation).
+            atol: Override of the absolute tolerance (evaluation).
+        """
+        b = self.block
+        b.stats.reset()
+        out: Tensor = cnf_log_density(self.field, x, float(b.t1), odeint, method=b.method,
+                                      rtol=rtol if rtol is not None else b.rtol,
+                                      atol=atol if atol is not None else b.atol, adjoint_norm=b.adjoint_norm,
+                                      observer=b.observer, stats=b.stats)
+        return out
+
+
+class CNFTask(Task):
+    """Maximum-likelihood training of `CNFModel` on a toy or a table.
+
+    Args:
+        cfg: The run configuration (``cfg.dataset`` None means ``"circles"``).
+        res: The resolved settings.
+        device: Where the model and data live.
+    """
+
+    metric = "nll"
+    higher_is_better = False
+    model: CNFModel
+
+    def __init__(self, cfg: RunConfig, res: Resolved, device: torch.device) -> None:
+        self.name = cfg.task
+        self.dataset = cfg.dataset or "circles"
+        if self.dataset not in CNF_DATASETS:
+            raise ValueError(f"Unknown CNF data set {self.dataset!r}; choose one of {CNF_DATASETS}.")
+        self.device = device
+        o = res.options
+        self.batch_size = res.batch_size
+        self.toy = self.dataset in TOY_NAMES
+        self.eval_tol = (float(o["eval_rtol"]), float(o["eval_atol"]))
+        split: TabularSplit
+        if self.toy:
+            split = load_toy(self.dataset, n_train=int(o["n_train"]), n_val=0, n_test=int(o["n_test"]),  # type: ignore[arg-type]
+                             seed=10_000 + cfg.seed)
+        else:
+            split = load_tabular(self.dataset, seed=cfg.seed)  # type: ignore[arg-type]
+        self.x_train, self.x_val, self.x_test = split.x_train, split.x_val, split.x_test
+        self.dequant: Tensor | None = None
+        if self.dataset == "old_faithful":  # waiting times are whole minutes: spread them over one minute
+            std = split.meta["std"]
+            assert isinstance(std, Tensor)
+            self.dequant = torch.tensor([0.0, 1.0 / float(std.reshape(-1)[1])], dtype=self.x_train.dtype)
+            g = torch.Generator().manual_seed(cfg.seed + 7)
+            self.x_val = self.x_val + (torch.rand(self.x_val.shape, generator=g) - 0.5) * self.dequant
+            self.x_test = self.x_test + (torch.rand(self.x_test.shape, generator=g) - 0.5) * self.dequant
+            self.dequant = self.dequant.to(device)
+        self.x_train, self.x_val, self.x_test = (t.to(device) for t in (self.x_train, self.x_val, self.x_test))
+        dim = self.x_train.shape[1]
+        div = str(o["divergence"])
+        if div == "auto":
+            div = "exact" if dim <= 2 else "hutchinson"
+        self.model = CNFModel(dim, int(o["hidden"]), int(o["num_layers"]), t1=float(o["t1"]), divergence=div,
+                              solver={k: o[k] for k in ("method", "rtol", "atol", "adjoint_norm")}).to(device)
+        self.sampler = EpochSampler(len(self.x_train), res.batch_size)
+
+    def batch(self, generator: torch.Generator) -> tuple[Tensor, ...]:
+        """Fresh toy samples, or a mini-batch of the table (dequantised for Old Faithful)."""
+        if self.toy:
+            return (sample_toy(self.dataset, self.batch_size, generator=generator).to(self.device),)  # type: ignore[arg-type]
+        x = self.x_train[self.sampler.next(generator).to(self.device)]
+        if self.dequant is not None:
+            noise = torch.rand(x.shape, generator=generator).to(self.device) - 0.5
+            x = x + noise * self.dequant
+        return (x,)
+
+    def loss(self, batch: tuple[Tensor, ...]) -> Tensor:
+        """Mean negative log-likelihood (nats) of the batch."""
+        logp: Tensor = self.model(batch[0])
+        return -logp.mean()
+
+    def _nll(self, x: Tensor, chunk: int = 1000) -> float:
+        if len(x) == 0:
+            return float("nan")
+        total = 0.0
+        for s in range(0, len(x), chunk):
+            logp = self.model(x[s:s + chunk], rtol=self.eval_tol[0], atol=self.eval_tol[1])
+            total += float(logp.detach().sum())
+        return -total / len(x)
+
+    def evaluate(self) -> dict[str, float]:
+        """Training, validation (tables) and test NLL with the exact divergence at the evaluation tolerance."""
+        field = self.model.field
+        div = field.divergence
+        field.divergence = "exact"
+        try:
+            with torch.no_grad():
+                out = {"train_loss": self._nll(self.x_train), "test_metric": self._nll(self.x_test)}
+                if len(self.x_val):
+                    out["val_metric"] = self._nll(self.x_val)
+        finally:
+            field.divergence = div
+        return out
+
+
+__all__ = ["CNF_DATASETS", "TABLES", "CNFModel", "CNFTask", "cnf_defaults"]

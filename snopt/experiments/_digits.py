@@ -1,0 +1,226 @@
+"""Image classification: a conv stem, an ODE block of time-concatenated convolutions, pooling, a linear head.
+
+The paper's MNIST model (Liu et al. 2021, after Chen et al. 2018): stem 3×3 → 4×4 stride 2 →
+4×4 stride 2 (no bias), then dx/dt = conv₂(t, relu(conv₁(t, x))) with the time concatenated as
+an extra input channel, solved by dopri5 at rtol = atol = 1e-3 through `snopt.ODEBlock`, then
+ReLU, average pooling and a linear layer. 28×28 inputs get the paper's stem exactly (state
+``hidden × 6 × 6``); 8×8 digits get 3×3 (padding 1) → 4×4 stride 2 (state ``hidden × 4 × 4``).
+
+Data sets: ``digits`` (scikit-learn's 1,797 real 8×8 digits; the fast default) and ``fashion``
+(Fashion-MNIST from local IDX files; a seeded subset under the ``fast`` preset).
+"""
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from snopt.data import Split, load_digits, load_fashion_mnist
+from snopt.experiments._common import EpochSampler, NewtonProblem, Resolved, RunConfig, Task, TaskDefaults
+from snopt.nn._ode_block import ODEBlock
+
+_SOLVER = {"method": "dopri5", "rtol": 1e-3, "atol": 1e-3}
+
+
+def image_defaults(dataset: str, preset: str) -> TaskDefaults:
+    """Defaults of the image tasks.
+
+    The ``fast`` learning rates are the best of a small grid per optimizer on digits (see
+    ``benchmarks/results/applications_cpu.md``; Fashion-MNIST reuses them, untuned); ``paper``
+    uses the paper's MNIST settings (batch 128, width 64, Adam 1e-3, SGD 0.02 with momentum
+    0.9, SNOpt on SGD 0.02 with eps 0.05 and update_freq 100).
+
+    Args:
+        dataset: ``"digits"`` or ``"fashion"``.
+        preset: ``"fast"`` or ``"paper"``.
+
+    Returns:
+        The defaults.
+    """
+    if dataset not in ("digits", "fashion"):
+        raise ValueError(f"Unknown image data set {dataset!r}; choose 'digits' or 'fashion'.")
+    common: dict[str, Any] = {"hidden": 16, "pool": 2, "subset": None, "test_subset": None, "eval_train": 2000,
+                              "method": "dopri5", "rtol": 1e-3, "atol": 1e-3, "adjoint_norm": "mixed"}
+    if preset == "paper":
+        digits = dataset == "digits"
+        return TaskDefaults(
+            iterations=300 if digits else 4690, batch_size=128, eval_every=10 if digits else 100,
+            lr={"adam": 1e-3, "sgd": 0.02, "snopt": 0.02, "newton-cg": 1.0},
+            target_loss=0.05 if dataset == "digits" else 0.3, target_metric=0.95 if dataset == "digits" else 0.88,
+            snopt_eps=0.05, snopt_freq=100, options={**common, "hidden": 64, "pool": 1})
+    if dataset == "digits":
+        return TaskDefaults(
+            iterations=150, batch_size=128, eval_every=5,
+            lr={"adam": 0.01, "sgd": 0.1, "snopt": 0.03, "newton-cg": 1.0},
+            target_loss=0.1, target_metric=0.95, snopt_eps=0.05, snopt_freq=25, options=common)
+    return TaskDefaults(
+        iterations=300, batch_size=128, eval_every=20,
+        lr={"adam": 0.01, "sgd": 0.1, "snopt": 0.03, "newton-cg": 1.0},
+        target_loss=0.5, target_metric=0.8, snopt_eps=0.05, snopt_freq=25,
+        options={**common, "subset": 10_000, "test_subset": 2_000, "eval_train": 1_000})
+
+
+class ConcatConv2d(nn.Module):
+    """A convolution of ``[t, x]``: the time is an extra constant input channel.
+
+    Args:
+        c_in: Input channels of x.
+        c_out: Output channels.
+        kernel_size: Kernel size (odd, padded to keep the spatial size).
+    """
+
+    def __init__(self, c_in: int, c_out: int, kernel_size: int = 3) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(c_in + 1, c_out, kernel_size, padding=kernel_size // 2)
+
+    def forward(self, t: Tensor, x: Tensor) -> Tensor:
+        """Apply the convolution to x with a channel filled with t.
+
+        Args:
+            t: Scalar time.
+            x: Input of shape ``(B, c_in, H, W)``.
+
+        Returns:
+            Output of shape ``(B, c_out, H, W)``.
+        """
+        tt = torch.ones_like(x[:, :1]) * t.to(x.dtype)
+        out: Tensor = self.conv(torch.cat([tt, x], dim=1))
+        return out
+
+
+class ConvODEFunc(nn.Module):
+    """The paper's image vector field: ``conv₂(t, relu(conv₁(t, x)))``.
+
+    Args:
+        channels: Channels of the state.
+    """
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv1 = ConcatConv2d(channels, channels)
+        self.conv2 = ConcatConv2d(channels, channels)
+
+    def forward(self, t: Tensor, x: Tensor) -> Tensor:
+        """dx/dt at (t, x)."""
+        out: Tensor = self.conv2(t, torch.relu(self.conv1(t, x)))
+        return out
+
+
+class ImageODENet(nn.Module):
+    """Conv stem → `ODEBlock` of `ConvODEFunc` → ReLU → average pooling → linear head.
+
+    Args:
+        in_channels: Image channels.
+        image_size: Image side (8 for digits, 28 for (Fashion-)MNIST).
+        hidden: Channels of the ODE state.
+        num_classes: Classes.
+        pool: Output side of the average pooling (1: global pooling as in the paper).
+        solver: ``method``, ``rtol``, ``atol``, ``adjoint_norm`` of the block.
+    """
+
+    def __init__(self, in_channels: int, image_size: int, hidden: int, num_classes: int, *, pool: int = 1,
+                 solver: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        kw = {**_SOLVER, **(solver or {})}
+        if image_size <= 16:
+            layers: list[nn.Module] = [nn.Conv2d(in_channels, hidden, 3, padding=1, bias=False), nn.ReLU(),
+                                       nn.Conv2d(hidden, hidden, 4, stride=2, padding=1, bias=False)]
+        else:
+            layers = [nn.Conv2d(in_channels, hidden, 3, bias=False), nn.ReLU(),
+                      nn.Conv2d(hidden, hidden, 4, stride=2, padding=1, bias=False), nn.ReLU(),
+                      nn.Conv2d(hidden, hidden, 4, stride=2, padding=1, bias=False)]
+        self.stem = nn.Sequential(*layers)
+        self.block = ODEBlock(ConvODEFunc(hidden), t1=1.0, method=kw["method"], rtol=kw["rtol"], atol=kw["atol"],
+                              adjoint_norm=kw.get("adjoint_norm", "mixed"))
+        self.head = nn.Sequential(nn.ReLU(), nn.AdaptiveAvgPool2d(pool), nn.Flatten(),
+                                  nn.Linear(hidden * pool * pool, num_classes))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Class logits of shape ``(B, num_classes)``."""
+        out: Tensor = self.head(self.block(self.stem(x)))
+        return out
+
+
+class ImageTask(Task):
+    """Digits or Fashion-MNIST classification with `ImageODENet`.
+
+    Args:
+        cfg: The run configuration (``cfg.dataset`` None means ``cfg.task``).
+        res: The resolved settings.
+        device: Where the model and data live.
+    """
+
+    metric = "accuracy"
+    higher_is_better = True
+
+    def __init__(self, cfg: RunConfig, res: Resolved, device: torch.device) -> None:
+        dataset = cfg.dataset or cfg.task
+        self.name = cfg.task
+        self.dataset = dataset
+        self.device = device
+        o = res.options
+        data: Split
+        if dataset == "digits":
+            data = load_digits(seed=cfg.seed)
+        elif dataset == "fashion":
+            data = load_fashion_mnist(subset=o["subset"], test_subset=o["test_subset"], seed=cfg.seed)
+        else:
+            raise ValueError(f"Unknown image data set {dataset!r}; choose 'digits' or 'fashion'.")
+        self.data = data.to(device)
+        x = self.data.x_train
+        self.model = ImageODENet(x.shape[1], x.shape[-1], int(o["hidden"]), data.num_classes, pool=int(o["pool"]),
+                                 solver={k: o[k] for k in ("method", "rtol", "atol", "adjoint_norm")}).to(device)
+        self.sampler = EpochSampler(len(x), res.batch_size)
+        g = torch.Generator().manual_seed(cfg.seed + 12345)
+        n_eval = min(len(x), int(o["eval_train"]))
+        self.eval_train_idx = torch.randperm(len(x), generator=g)[:n_eval].to(device)
+
+    def batch(self, generator: torch.Generator) -> tuple[Tensor, ...]:
+        """A mini-batch ``(x, y)`` (epochs without replacement)."""
+        idx = self.sampler.next(generator).to(self.device)
+        return self.data.x_train[idx], self.data.y_train[idx]
+
+    def loss(self, batch: tuple[Tensor, ...]) -> Tensor:
+        """Mean cross-entropy of the batch."""
+        x, y = batch
+        return F.cross_entropy(self.model(x), y)
+
+    @torch.no_grad()
+    def _loss_acc(self, x: Tensor, y: Tensor, chunk: int = 1000) -> tuple[float, float]:
+        total, correct = 0.0, 0
+        for start in range(0, len(x), chunk):
+            logits = self.model(x[start:start + chunk])
+            total += float(F.cross_entropy(logits, y[start:start + chunk], reduction="sum"))
+            correct += int((logits.argmax(1) == y[start:start + chunk]).sum())
+        return total / len(x), correct / len(x)
+
+    def evaluate(self) -> dict[str, float]:
+        """Training loss (on a fixed subset of ≤ ``eval_train`` examples), test loss and test accuracy."""
+        was = self.model.training
+        self.model.eval()
+        idx = self.eval_train_idx
+        train_loss, train_acc = self._loss_acc(self.data.x_train[idx], self.data.y_train[idx])
+        test_loss, test_acc = self._loss_acc(self.data.x_test, self.data.y_test)
+        self.model.train(was)
+        return {"train_loss": train_loss, "train_accuracy": train_acc, "test_loss": test_loss, "test_metric": test_acc}
+
+    def newton_problem(self, batch: tuple[Tensor, ...]) -> NewtonProblem:
+        """The batch as Φ(x(t1)) = CE(head(x(t1)), y) from x0 = stem(x), for Newton-CG on the ODE block."""
+        x, y = batch
+        net = self.model
+        assert isinstance(net, ImageODENet)
+        with torch.no_grad():
+            x0 = net.stem(x)
+        head = net.head
+
+        def loss_fn(x1: Tensor) -> Tensor:
+            return F.cross_entropy(head(x1), y)
+
+        blk = net.block
+        t_span = torch.stack([blk.t0, blk.t1]).to(x0.dtype)
+        return NewtonProblem(func=blk.func, x0=x0, t_span=t_span, loss_fn=loss_fn,
+                             solver={"method": blk.method, "rtol": blk.rtol, "atol": blk.atol})
+
+
+__all__ = ["ConcatConv2d", "ConvODEFunc", "ImageODENet", "ImageTask", "image_defaults"]

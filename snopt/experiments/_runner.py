@@ -1,0 +1,605 @@
+"""The training loop, its clock and bookkeeping, comparisons across optimizers and seeds, tables.
+
+Every optimizer goes through the same loop: draw a batch, ``zero_grad``, loss, ``backward``,
+``step``. Only that is timed (wall-clock with `time.perf_counter`, process CPU time with
+`time.process_time`, after a device synchronisation on CUDA); evaluations are not. A run
+records per iteration the step time, the mini-batch loss and the forward/backward NFE, and at
+every evaluation the full training loss and the test metric, so time-to-target is read off the
+evaluations. Runs can be isolated in a fresh process (``spawn``) so that the peak resident
+set size (``ru_maxrss``) belongs to that run alone.
+"""
+
+import json
+import math
+import multiprocessing
+import statistics
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from snopt.adjoint._solve import SolverError
+from snopt.experiments._cnf import CNFTask, cnf_defaults
+from snopt.experiments._common import (
+    NewtonProblem,
+    Resolved,
+    RunConfig,
+    Task,
+    TaskDefaults,
+    finite_or_none,
+    machine_info,
+    peak_rss_mib,
+    progress,
+    resolve,
+    resolve_device,
+    seed_everything,
+)
+from snopt.experiments._digits import ImageTask, image_defaults
+from snopt.experiments._timeseries import TimeSeriesTask, timeseries_defaults
+from snopt.nn._ode_block import ODEBlock
+from snopt.optim._newton_cg import NewtonCG
+from snopt.optim._snopt import SNOpt
+
+DEFAULT_DATASETS = {"digits": "digits", "fashion": "fashion", "timeseries": "JapaneseVowels", "cnf": "circles"}
+
+
+def dataset_of(cfg: RunConfig) -> str:
+    """The data set a configuration trains on (its task's default when unset)."""
+    return cfg.dataset or DEFAULT_DATASETS[cfg.task]
+
+
+def task_defaults(cfg: RunConfig) -> TaskDefaults:
+    """The defaults of `cfg`'s task, data set and preset.
+
+    Args:
+        cfg: The run configuration.
+
+    Returns:
+        The task's `TaskDefaults`.
+    """
+    dataset = dataset_of(cfg)
+    if cfg.task in ("digits", "fashion"):
+        return image_defaults(dataset, cfg.preset)
+    if cfg.task == "timeseries":
+        return timeseries_defaults(dataset, cfg.preset)
+    return cnf_defaults(dataset, cfg.preset)
+
+
+def make_task(cfg: RunConfig, res: Resolved, device: torch.device) -> Task:
+    """Build the task (data and model) of `cfg`, seeded by ``cfg.seed``.
+
+    Args:
+        cfg: The run configuration.
+        res: Its resolved settings.
+        device: Where the model and data live.
+
+    Returns:
+        The task.
+    """
+    seed_everything(cfg.seed)
+    if cfg.task in ("digits", "fashion"):
+        return ImageTask(cfg, res, device)
+    if cfg.task == "timeseries":
+        return TimeSeriesTask(cfg, res, device)
+    return CNFTask(cfg, res, device)
+
+
+Stepper = Callable[[tuple[Tensor, ...]], float]
+
+
+def make_stepper(cfg: RunConfig, res: Resolved, task: Task) -> tuple[Stepper, torch.optim.Optimizer]:
+    """The optimizer of `cfg` and a function doing one training step with it.
+
+    ``snopt``: `SNOpt` over SGD (momentum ``cfg.momentum``) with ``full_precond``; ``adam``;
+    ``sgd`` with momentum; ``newton-cg``: `NewtonCG` (Gauss-Newton, exact products) on the
+    ODE block's parameters and Adam (the task's Adam rate) on the rest, each step. With
+    ``ode_only`` the optimizer gets only the ODE blocks' parameters and Adam (``lr2``) the rest.
+
+    Args:
+        cfg: The run configuration.
+        res: Its resolved settings.
+        task: The task.
+
+    Returns:
+        ``(step, optimizer)``: ``step(batch)`` returns the batch loss before the update.
+    """
+    model = task.model
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "newton-cg":
+        return _newton_stepper(cfg, res, task)
+    others: list[nn.Parameter] = []
+    if res.ode_only:
+        ode_ids = {id(p) for m in model.modules() if isinstance(m, ODEBlock) for p in m.parameters()}
+        others = [p for p in params if id(p) not in ode_ids]
+        params = [p for p in params if id(p) in ode_ids]
+    opt: torch.optim.Optimizer
+    if cfg.optimizer == "adam":
+        opt = torch.optim.Adam(params, lr=res.lr, weight_decay=cfg.weight_decay)
+    elif cfg.optimizer == "sgd":
+        opt = torch.optim.SGD(params, lr=res.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    else:
+        base = torch.optim.SGD(params, lr=res.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        opt = SNOpt(model, base, eps=res.snopt_eps, update_freq=res.snopt_freq, alpha=cfg.snopt_alpha,
+                    full_precond=not res.ode_only)
+    opts = [opt] + ([torch.optim.Adam(others, lr=res.lr2, weight_decay=cfg.weight_decay)] if others else [])
+
+    def step(batch: tuple[Tensor, ...]) -> float:
+        for o in opts:
+            o.zero_grad()
+        loss = task.loss(batch)
+        loss.backward()  # type: ignore[no-untyped-call]
+        for o in opts:
+            o.step()
+        return float(loss.detach())
+
+    return step, opt
+
+
+def _newton_stepper(cfg: RunConfig, res: Resolved, task: Task) -> tuple[Stepper, torch.optim.Optimizer]:
+    probe: NewtonProblem = task.newton_problem(task.batch(torch.Generator().manual_seed(0)))
+    ode_ids = {id(p) for p in probe.func.parameters()}
+    others = [p for p in task.model.parameters() if p.requires_grad and id(p) not in ode_ids]
+    outer_lr = task_defaults(cfg).lr.get("adam", 1e-3)
+    outer = torch.optim.Adam(others, lr=outer_lr)
+    ncg = NewtonCG(probe.func, lr=res.lr, damping=1e-2, curvature="ggn", max_cg_iters=10, solver=probe.solver)
+
+    def step(batch: tuple[Tensor, ...]) -> float:
+        outer.zero_grad()
+        loss = task.loss(batch)
+        loss.backward()  # type: ignore[no-untyped-call]
+        outer.step()
+        prob = task.newton_problem(batch)
+        ncg.step(x0=prob.x0, t_span=prob.t_span, loss_fn=prob.loss_fn)
+        return float(loss.detach())
+
+    return step, ncg
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def train(cfg: RunConfig, *, quiet: bool = True) -> dict[str, Any]:
+    """Train one configuration and return its record (JSON-serialisable).
+
+    Args:
+        cfg: The run configuration.
+        quiet: No progress bar.
+
+    Returns:
+        ``{"config", "resolved", "machine", "task", "history", "evals", "summary"}``; see
+        `summarize` for the summary's keys.
+    """
+    threads = torch.get_num_threads()
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    try:
+        return _train(cfg, quiet=quiet)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(cfg: RunConfig, *, quiet: bool) -> dict[str, Any]:
+    device = resolve_device(cfg.device)
+    defaults = task_defaults(cfg)
+    res = resolve(cfg, defaults)
+    task = make_task(cfg, res, device)
+    step, _ = make_stepper(cfg, res, task)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    rss_start = peak_rss_mib()
+    generator = torch.Generator().manual_seed(cfg.seed)
+    hist: dict[str, list[float]] = {k: [] for k in ("iteration", "time", "cpu_time", "step_time", "loss",
+                                                      "nfe_forward", "nfe_backward")}
+    evals: dict[str, list[float]] = {"iteration": [], "time": [], "cpu_time": []}
+
+    def record_eval(it: int, wall: float, cpu: float) -> dict[str, float]:
+        ev = task.evaluate()
+        evals["iteration"].append(it)
+        evals["time"].append(wall)
+        evals["cpu_time"].append(cpu)
+        for k, v in ev.items():
+            evals.setdefault(k, []).append(v)
+        return ev
+
+    wall = cpu = 0.0
+    diverged: str | None = None
+    ev = record_eval(0, 0.0, 0.0)
+    bar = progress(res.iterations, disable=quiet, desc=f"{cfg.task}/{cfg.optimizer}/seed{cfg.seed}")
+    try:
+        for it in range(1, res.iterations + 1):
+            batch = task.batch(generator)
+            _sync(device)
+            w0, c0 = time.perf_counter(), time.process_time()
+            try:
+                loss = step(batch)
+            except SolverError as exc:  # a blown-up vector field: the run diverged
+                diverged = f"iteration {it}: {exc}"
+                break
+            _sync(device)
+            dw, dc = time.perf_counter() - w0, time.process_time() - c0
+            wall += dw
+            cpu += dc
+            stats = task.solve_stats()
+            hist["iteration"].append(it)
+            hist["time"].append(wall)
+            hist["cpu_time"].append(cpu)
+            hist["step_time"].append(dw)
+            hist["loss"].append(loss)
+            hist["nfe_forward"].append(sum(s.nfe_forward for s in stats))
+            hist["nfe_backward"].append(sum(s.nfe_backward for s in stats))
+            nfe = hist["nfe_forward"][-1] + hist["nfe_backward"][-1]
+            if not math.isfinite(loss):
+                diverged = f"iteration {it}: non-finite loss"
+                break
+            if cfg.nfe_limit is not None and nfe > cfg.nfe_limit * max(1.0, hist["nfe_forward"][0]
+                                                                      + hist["nfe_backward"][0]):
+                diverged = (f"iteration {it}: {nfe} NFE, over {cfg.nfe_limit:g}x the first iteration's "
+                            "(stiff dynamics)")
+                break
+            if it % res.eval_every == 0 or it == res.iterations:
+                try:
+                    ev = record_eval(it, wall, cpu)
+                except SolverError as exc:  # the trained field can no longer be solved: diverged
+                    diverged = f"evaluation after iteration {it}: {exc}"
+                    break
+            bar.update(1)
+            bar.set_postfix_str(f"loss {loss:.3f} {task.metric} {ev['test_metric']:.3f}")
+    finally:
+        bar.close()
+    result: dict[str, Any] = {
+        "config": cfg.to_dict(),
+        "resolved": {"iterations": res.iterations, "batch_size": res.batch_size, "eval_every": res.eval_every,
+                     "lr": res.lr, "snopt_eps": res.snopt_eps, "snopt_freq": res.snopt_freq,
+                     "target_loss": res.target_loss, "target_metric": res.target_metric, "ode_only": res.ode_only,
+                     "lr2": res.lr2, "options": res.options},
+        "machine": machine_info(device),
+        "task": {"name": task.name, "dataset": task.dataset, "metric": task.metric,
+                 "higher_is_better": task.higher_is_better, "num_parameters": task.num_parameters()},
+        "history": hist,
+        "evals": {k: [finite_or_none(float(x)) for x in v] for k, v in evals.items()},
+        "memory": {"peak_rss_mib": peak_rss_mib(), "rss_at_start_mib": rss_start,
+                   "peak_cuda_mib": (torch.cuda.max_memory_allocated(device) / 2**20
+                                     if device.type == "cuda" else None)},
+        "diverged": diverged,
+    }
+    result["summary"] = summarize(result)
+    return result
+
+
+def time_to(evals: dict[str, list[Any]], key: str, target: float, *, lower: bool,
+            clock: str = "time") -> tuple[float | None, int | None]:
+    """Clock reading and iteration of the first evaluation reaching `target`.
+
+    Args:
+        evals: A run's ``evals``.
+        key: The evaluated quantity (``"train_loss"``, ``"test_metric"``).
+        target: The target value.
+        lower: Reached when at or below `target` (else at or above).
+        clock: ``"time"`` (wall-clock) or ``"cpu_time"``.
+
+    Returns:
+        ``(seconds, iteration)``, or ``(None, None)`` if never reached.
+    """
+    for it, t, v in zip(evals["iteration"], evals[clock], evals[key]):
+        if v is not None and (v <= target if lower else v >= target):
+            return float(t), int(it)
+    return None, None
+
+
+def summarize(result: dict[str, Any], *, target_metric: float | None = None) -> dict[str, Any]:
+    """The headline numbers of one run.
+
+    Args:
+        result: A record from `train`.
+        target_metric: Override of the test-metric target (e.g. Adam's final NLL).
+
+    Returns:
+        final/best test metric, final training loss, time (wall and CPU) and iterations to
+        the loss and metric targets (None if not reached), mean/median step time, mean
+        forward/backward NFE per iteration, peak RSS / CUDA memory, total training time.
+    """
+    ev, hist, res = result["evals"], result["history"], result["resolved"]
+    higher = bool(result["task"]["higher_is_better"])
+    tm = res["target_metric"] if target_metric is None else target_metric
+    metrics = [v for v in ev["test_metric"] if v is not None]
+    t_loss, it_loss = time_to(ev, "train_loss", res["target_loss"], lower=True)
+    t_met, it_met = time_to(ev, "test_metric", tm, lower=not higher)
+    c_loss, _ = time_to(ev, "train_loss", res["target_loss"], lower=True, clock="cpu_time")
+    c_met, _ = time_to(ev, "test_metric", tm, lower=not higher, clock="cpu_time")
+    steps = hist["step_time"]
+    out: dict[str, Any] = {
+        "final_test_metric": ev["test_metric"][-1], "final_train_loss": ev["train_loss"][-1],
+        "best_test_metric": (max(metrics) if higher else min(metrics)) if metrics else None,
+        "target_loss": res["target_loss"], "target_metric": tm,
+        "time_to_target_loss": t_loss, "time_to_target_metric": t_met,
+        "cpu_time_to_target_loss": c_loss, "cpu_time_to_target_metric": c_met,
+        "iterations_to_target_loss": it_loss, "iterations_to_target_metric": it_met,
+        "train_time": hist["time"][-1] if hist["time"] else 0.0,
+        "train_cpu_time": hist["cpu_time"][-1] if hist["cpu_time"] else 0.0,
+        "iterations_done": len(steps),
+        "mean_step_time": statistics.fmean(steps) if steps else None,
+        "median_step_time": statistics.median(steps) if steps else None,
+        "mean_nfe_forward": statistics.fmean(hist["nfe_forward"]) if steps else None,
+        "mean_nfe_backward": statistics.fmean(hist["nfe_backward"]) if steps else None,
+        "peak_rss_mib": result["memory"]["peak_rss_mib"], "peak_cuda_mib": result["memory"]["peak_cuda_mib"],
+        "diverged": result["diverged"] is not None,
+    }
+    if "val_metric" in ev and any(v is not None for v in ev["val_metric"]):
+        vals = [(v, i) for i, v in enumerate(ev["val_metric"]) if v is not None]
+        best = (max if higher else min)(vals)[1]
+        out["test_metric_at_best_val"] = ev["test_metric"][best]
+    return out
+
+
+def _child(cfg_dict: dict[str, Any], path: str, quiet: bool) -> None:
+    result = train(RunConfig.from_dict(cfg_dict), quiet=quiet)
+    Path(path).write_text(json.dumps(result))
+
+
+def run(cfg: RunConfig, *, quiet: bool = True, isolate: bool = False) -> dict[str, Any]:
+    """Train `cfg`, optionally in a fresh process (so ``ru_maxrss`` is this run's own peak).
+
+    Args:
+        cfg: The run configuration.
+        quiet: No progress bar.
+        isolate: Run in a spawned child process.
+
+    Returns:
+        The record of `train`.
+
+    Raises:
+        RuntimeError: If the child process fails.
+    """
+    if not isolate:
+        return train(cfg, quiet=quiet)
+    ctx = multiprocessing.get_context("spawn")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = str(Path(tmp) / "result.json")
+        proc = ctx.Process(target=_child, args=(cfg.to_dict(), path, quiet))
+        proc.start()
+        proc.join()
+        if proc.exitcode != 0 or not Path(path).exists():
+            raise RuntimeError(f"The run {cfg.task}/{cfg.optimizer}/seed {cfg.seed} failed in its child process "
+                               f"(exit code {proc.exitcode}); rerun with --no-isolate to see the traceback.")
+        loaded: dict[str, Any] = json.loads(Path(path).read_text())
+        return loaded
+
+
+def run_name(cfg: RunConfig) -> str:
+    """File stem of a run: ``<task>-<dataset>_<optimizer>_seed<k>``."""
+    return f"{cfg.task}-{dataset_of(cfg)}_{cfg.optimizer}_seed{cfg.seed}"
+
+
+def compare(base: RunConfig, optimizers: Sequence[str], seeds: Sequence[int], *, out_dir: str | Path | None = None,
+            lrs: dict[str, float] | None = None, quiet: bool = True, isolate: bool = False, plots: bool = True,
+            echo: Callable[[str], None] | None = print) -> dict[str, Any]:
+    """Train every optimizer on every seed (interleaved: seed-major), then tabulate and plot.
+
+    For a task whose metric is an NLL, the metric target becomes Adam's mean final test NLL
+    when Adam is among the optimizers (the paper's CNF claim: reaching Adam's NLL sooner).
+
+    Args:
+        base: The configuration shared by all runs (its ``optimizer`` and ``seed`` are replaced).
+        optimizers: Optimizer names.
+        seeds: Seeds.
+        out_dir: Where to write ``<run>.json``, ``<task>-<dataset>_summary.json`` and plots (None: nowhere).
+        lrs: Learning rate per optimizer (overrides ``base.lr``).
+        quiet: No progress bars.
+        isolate: Each run in a fresh process.
+        plots: Write the PNG plots.
+        echo: Where progress lines and the table go (None: silent).
+
+    Returns:
+        ``{"runs": [records], "aggregate": {...}, "ratios": {...}, "table": str, "files": [...]}``.
+    """
+    runs: list[dict[str, Any]] = []
+    for seed in seeds:
+        for name in optimizers:
+            lr = (lrs or {}).get(name, base.lr)
+            cfg = replace(base, optimizer=name, seed=seed, lr=lr)  # type: ignore[arg-type]
+            if echo:
+                echo(f"[{run_name(cfg)}] training ...")
+            r = run(cfg, quiet=quiet, isolate=isolate)
+            s = r["summary"]
+            if echo:
+                echo(f"[{run_name(cfg)}] {s['iterations_done']} it in {s['train_time']:.1f} s, final "
+                     f"{r['task']['metric']} {s['final_test_metric']}, loss {s['final_train_loss']}"
+                     + (f" (diverged: {r['diverged']})" if r["diverged"] else ""))
+            runs.append(r)
+    metric = runs[0]["task"]["metric"]
+    adam_final = [r["summary"]["final_test_metric"] for r in runs if r["config"]["optimizer"] == "adam"
+                  and r["summary"]["final_test_metric"] is not None]
+    if metric == "nll" and adam_final:
+        target = statistics.fmean(adam_final)
+        for r in runs:
+            r["summary"] = summarize(r, target_metric=target)
+    agg = aggregate(runs)
+    ratios = target_ratios(agg)
+    table = format_table(agg, ratios, runs[0])
+    files: list[str] = []
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        stem = f"{base.task}-{runs[0]['task']['dataset']}"
+        for r in runs:
+            p = out / f"{run_name(RunConfig.from_dict(r['config']))}.json"
+            p.write_text(json.dumps(r))
+            files.append(str(p))
+        p = out / f"{stem}_summary.json"
+        p.write_text(json.dumps({"aggregate": agg, "ratios": ratios, "machine": runs[0]["machine"],
+                                 "table": table}, indent=1))
+        files.append(str(p))
+        if plots:
+            from snopt.experiments._plots import plot_comparison
+            files.extend(str(f) for f in plot_comparison(runs, out / f"{stem}_curves.png"))
+    if echo:
+        echo(table)
+    return {"runs": runs, "aggregate": agg, "ratios": ratios, "table": table, "files": files}
+
+
+_AGG_KEYS = ("final_test_metric", "best_test_metric", "final_train_loss", "time_to_target_loss",
+             "time_to_target_metric", "cpu_time_to_target_loss", "cpu_time_to_target_metric",
+             "iterations_to_target_loss", "iterations_to_target_metric", "mean_step_time", "median_step_time",
+             "mean_nfe_forward", "mean_nfe_backward", "peak_rss_mib", "peak_cuda_mib", "train_time",
+             "train_cpu_time", "test_metric_at_best_val")
+
+
+def aggregate(runs: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per optimizer: mean, standard deviation, count and values of each summary number.
+
+    Time-to-target means are over the seeds that reached the target; ``reached`` counts them,
+    and ``censored_mean`` replaces a miss by the run's whole training time (a lower bound).
+
+    Args:
+        runs: Records from `train`.
+
+    Returns:
+        ``{optimizer: {key: {"mean", "std", "n", "values", ...}, "lr": ..., "seeds": [...]}}``.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for name in dict.fromkeys(r["config"]["optimizer"] for r in runs):
+        group = [r for r in runs if r["config"]["optimizer"] == name]
+        entry: dict[str, Any] = {"lr": group[0]["resolved"]["lr"], "seeds": [r["config"]["seed"] for r in group],
+                                 "diverged": sum(bool(r["diverged"]) for r in group)}
+        for key in _AGG_KEYS:
+            values = [r["summary"].get(key) for r in group]
+            got = [float(v) for v in values if v is not None]
+            stat: dict[str, Any] = {"values": values, "n": len(got),
+                                    "mean": statistics.fmean(got) if got else None,
+                                    "std": statistics.stdev(got) if len(got) > 1 else (0.0 if got else None)}
+            if key.startswith(("time_to", "cpu_time_to")):
+                total = "train_cpu_time" if key.startswith("cpu") else "train_time"
+                cens = [float(v) if v is not None else float(r["summary"][total]) for v, r in zip(values, group)]
+                stat["censored_mean"] = statistics.fmean(cens)
+            entry[key] = stat
+        out[name] = entry
+    return out
+
+
+def target_ratios(agg: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """SNOpt's mean time-to-target divided by each other optimizer's.
+
+    Exact when every run of both reached the target; when only SNOpt's all did, the other's
+    misses count as their whole training time and the ratio is an upper bound (``"<="``);
+    when SNOpt missed some, a lower bound (``">="``) over censored times.
+
+    Args:
+        agg: From `aggregate`.
+
+    Returns:
+        ``{"snopt/adam": {"loss": {"ratio", "bound"}, "metric": {...}, "loss_cpu": ..., "metric_cpu": ...}, ...}``.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    if "snopt" not in agg:
+        return out
+    s = agg["snopt"]
+    for other, o in agg.items():
+        if other == "snopt":
+            continue
+        entry: dict[str, Any] = {}
+        for label, key in (("loss", "time_to_target_loss"), ("metric", "time_to_target_metric"),
+                           ("loss_cpu", "cpu_time_to_target_loss"), ("metric_cpu", "cpu_time_to_target_metric")):
+            a, b = s[key], o[key]
+            n_a, n_b = len(a["values"]), len(b["values"])
+            if a["n"] == n_a and b["n"] == n_b and b["mean"]:
+                entry[label] = {"ratio": a["mean"] / b["mean"], "bound": "="}
+            elif a["n"] == n_a and b["censored_mean"]:
+                entry[label] = {"ratio": a["mean"] / b["censored_mean"], "bound": "<="}
+            elif b["n"] == n_b and a["n"] > 0 and b["mean"]:
+                entry[label] = {"ratio": a["censored_mean"] / b["mean"], "bound": ">="}
+            else:
+                entry[label] = {"ratio": None, "bound": "n/a"}
+        out[f"snopt/{other}"] = entry
+    return out
+
+
+def _fmt(stat: dict[str, Any], digits: int = 3, scale: float = 1.0) -> str:
+    if stat["mean"] is None:
+        return "—"
+    m = stat["mean"] * scale
+    n_all = len(stat["values"])
+    text = f"{m:.{digits}f}"
+    if n_all > 1 and stat["std"] is not None:
+        text += f" ± {stat['std'] * scale:.{digits}f}"
+    if stat["n"] < n_all:
+        text += f" ({stat['n']}/{n_all})"
+    return text
+
+
+def format_ratio(r: dict[str, Any]) -> str:
+    """``0.42``, ``<=0.42``, ``>=1.3`` or ``n/a``."""
+    if r["ratio"] is None:
+        return "n/a"
+    return ("" if r["bound"] == "=" else r["bound"]) + f"{r['ratio']:.2f}"
+
+
+def format_table(agg: dict[str, dict[str, Any]], ratios: dict[str, dict[str, Any]], example: dict[str, Any]) -> str:
+    """A Markdown table of `aggregate` (mean ± std over seeds) plus SNOpt's time-to-target ratios.
+
+    Args:
+        agg: From `aggregate`.
+        ratios: From `target_ratios`.
+        example: One run's record (for the task, metric and targets).
+
+    Returns:
+        The table.
+    """
+    s = example["summary"]
+    metric = example["task"]["metric"]
+    cmp = "≥" if example["task"]["higher_is_better"] else "≤"
+    tl, tm = s["target_loss"], s["target_metric"]
+    pct = 100.0 if metric == "accuracy" else 1.0
+    unit = " %" if metric == "accuracy" else " (nats)"
+    head = (f"| optimizer | lr | final test {metric}{unit} | final train loss | s to train loss ≤ {tl:g} | "
+            f"s to test {metric} {cmp} {tm * pct:.4g} | s/iter | NFE fwd / bwd | peak RSS MiB |")
+    lines = [head, "|" + "---|" * 9]
+    for name, a in agg.items():
+        nfe = f"{_fmt(a['mean_nfe_forward'], 1)} / {_fmt(a['mean_nfe_backward'], 1)}"
+        div = f" ({a['diverged']} diverged)" if a["diverged"] else ""
+        lines.append(f"| {name} | {a['lr']:g}{div} | {_fmt(a['final_test_metric'], 2 if pct > 1 else 3, pct)} | "
+                     f"{_fmt(a['final_train_loss'], 3)} | {_fmt(a['time_to_target_loss'], 1)} | "
+                     f"{_fmt(a['time_to_target_metric'], 1)} | {_fmt(a['mean_step_time'], 3)} | {nfe} | "
+                     f"{_fmt(a['peak_rss_mib'], 0)} |")
+    if ratios:
+        lines.append("")
+        lines.append("| SNOpt time-to-target ÷ | train loss (wall) | test metric (wall) | train loss (CPU) | "
+                     "test metric (CPU) |")
+        lines.append("|---|---|---|---|---|")
+        for key, r in ratios.items():
+            lines.append(f"| {key.split('/')[1]} | {format_ratio(r['loss'])} | {format_ratio(r['metric'])} | "
+                         f"{format_ratio(r['loss_cpu'])} | {format_ratio(r['metric_cpu'])} |")
+    return "\n".join(lines)
+
+
+def quiet_warnings() -> None:
+    """Silence third-party deprecation noise (sktime, torch internals) in command-line runs."""
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+__all__ = [
+    "DEFAULT_DATASETS",
+    "aggregate",
+    "compare",
+    "dataset_of",
+    "format_ratio",
+    "format_table",
+    "make_stepper",
+    "make_task",
+    "quiet_warnings",
+    "run",
+    "run_name",
+    "summarize",
+    "target_ratios",
+    "task_defaults",
+    "time_to",
+    "train",
+]

@@ -1,0 +1,219 @@
+"""Smoke tests of the applications (tiny sizes, a few iterations) and of the runner's bookkeeping."""
+
+import json
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+import snopt
+from snopt.experiments import GRUODE, RunConfig, train
+from snopt.experiments.__main__ import main
+from snopt.experiments._common import EpochSampler, resolve
+from snopt.experiments._runner import aggregate, run, target_ratios, task_defaults, time_to
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """One torch thread (tiny models on shared cores), restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+RUN_KEYS = {"config", "resolved", "machine", "task", "history", "evals", "memory", "diverged", "summary"}
+SUMMARY_KEYS = {"final_test_metric", "final_train_loss", "time_to_target_loss", "time_to_target_metric",
+                "mean_step_time", "mean_nfe_forward", "mean_nfe_backward", "peak_rss_mib", "peak_cuda_mib"}
+
+
+def _check_run(r: dict, iterations: int) -> None:
+    assert set(r) >= RUN_KEYS
+    assert set(r["summary"]) >= SUMMARY_KEYS
+    assert r["diverged"] is None
+    assert r["history"]["iteration"] == list(range(1, iterations + 1))
+    assert all(n > 0 for n in r["history"]["nfe_forward"])
+    assert all(n > 0 for n in r["history"]["nfe_backward"])
+    assert r["summary"]["peak_rss_mib"] > 0
+    assert r["evals"]["iteration"][0] == 0 and r["evals"]["iteration"][-1] == iterations
+
+
+@pytest.mark.parametrize("optimizer", ["snopt", "adam"])
+def test_digits_training_reduces_the_loss(optimizer: str) -> None:
+    cfg = RunConfig(task="digits", optimizer=optimizer, iterations=10, batch_size=64, eval_every=5, seed=0,
+                    lr=0.05 if optimizer == "snopt" else 0.02, snopt_freq=5, options={"hidden": 8, "eval_train": 300})
+    r = train(cfg)
+    _check_run(r, 10)
+    ev = r["evals"]
+    assert ev["train_loss"][-1] < ev["train_loss"][0] - 0.2
+    assert 0.0 <= ev["test_metric"][-1] <= 1.0
+    assert r["task"]["metric"] == "accuracy" and r["machine"]["cpu"]
+
+
+def test_timeseries_training_reduces_the_loss() -> None:
+    cfg = RunConfig(task="timeseries", dataset="BasicMotions", optimizer="snopt", iterations=6, batch_size=20,
+                    eval_every=3, lr=0.05, snopt_freq=3, ode_only=True, lr2=0.02, options={"hidden": 8, "stride": 10})
+    r = train(cfg)
+    assert r["resolved"]["ode_only"] and r["resolved"]["lr2"] == 0.02
+    _check_run(r, 6)
+    assert r["evals"]["train_loss"][-1] < r["evals"]["train_loss"][0]
+    # one forward solve per observation interval (10 observations -> 9 solves of >= 8 evaluations)
+    assert min(r["history"]["nfe_forward"]) >= 9 * 8
+
+
+@pytest.mark.parametrize("dataset", ["circles", "wine"])
+def test_cnf_training_reduces_the_nll(dataset: str) -> None:
+    cfg = RunConfig(task="cnf", dataset=dataset, optimizer="snopt", iterations=6, batch_size=64, eval_every=3,
+                    lr=0.05, snopt_freq=3, options={"hidden": 8, "n_train": 200, "n_test": 200})
+    r = train(cfg)
+    _check_run(r, 6)
+    ev = r["evals"]
+    assert r["task"]["metric"] == "nll"
+    assert ev["test_metric"][-1] < ev["test_metric"][0]
+    if dataset == "wine":
+        assert "test_metric_at_best_val" in r["summary"]
+
+
+class _Counter:
+    """An observer that records every accepted backward step and forwards it."""
+
+    def __init__(self, inner: snopt.AdjointObserver) -> None:
+        self.inner = inner
+        self.steps: list[tuple[float, float]] = []
+
+    def on_backward_step(self, t: torch.Tensor, dt: torch.Tensor) -> None:
+        self.steps.append((float(t), float(dt)))
+        self.inner.on_backward_step(t, dt)
+
+
+def test_gru_ode_statistics_accumulate_over_every_interval() -> None:
+    torch.manual_seed(0)
+    obs_dt, steps = 0.25, 5
+    model = GRUODE(3, 6, 2, obs_dt=obs_dt)
+    opt = snopt.SNOpt(model, torch.optim.SGD(model.parameters(), lr=0.01), update_freq=10)
+    collector = model.block.observer
+    assert collector is not None
+    counter = _Counter(collector)
+    model.block.observer = counter
+    x = torch.randn(4, steps, 3)
+    lengths = torch.full((4,), steps)
+    loss = torch.nn.functional.cross_entropy(model(x, lengths), torch.tensor([0, 1, 0, 1]))
+    loss.backward()
+    intervals = steps - 1
+    # every interval's adjoint solve reported its steps (t = the step's lower end), and they tile each interval
+    for k in range(intervals):
+        inside = [dt for t, dt in counter.steps if k * obs_dt < t + dt / 2 < (k + 1) * obs_dt]
+        assert math.isclose(sum(inside), obs_dt, rel_tol=1e-6), (k, inside)
+    assert model.block.stats.nfe_backward > 0
+    factors = opt.collectors[0].kron_factors()
+    assert set(factors) == {"fc1", "fc2", "fc3", "fc4"}
+    for f in factors.values():  # Σ dt folded = the whole time line, not only the last interval
+        assert math.isclose(float(f.weight), intervals * obs_dt, rel_tol=1e-6)
+    opt.step()
+
+
+def test_gru_ode_masks_updates_past_each_length() -> None:
+    torch.manual_seed(1)
+    model = GRUODE(2, 5, 3, obs_dt=0.2)
+    x = torch.randn(2, 6, 2)
+    x[0, 3:] = 0.0
+    with torch.no_grad():
+        both = model(x, torch.tensor([3, 6]))
+        alone = model(x[:1, :3], torch.tensor([3]))
+    torch.testing.assert_close(both[:1], alone, rtol=1e-5, atol=1e-6)
+
+
+def test_newton_cg_on_digits_and_its_error_elsewhere() -> None:
+    cfg = RunConfig(task="digits", optimizer="newton-cg", iterations=2, batch_size=32, eval_every=2,
+                    options={"hidden": 3, "eval_train": 100})
+    r = train(cfg)
+    assert r["diverged"] is None and math.isfinite(r["history"]["loss"][-1])
+    with pytest.raises(NotImplementedError, match="newton-cg"):
+        train(RunConfig(task="cnf", optimizer="newton-cg", iterations=1, options={"hidden": 4, "n_test": 10}))
+
+
+def test_cli_writes_json_table_and_plots(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["digits", "--optimizer", "snopt", "adam", "--iterations", "4", "--eval-every", "2",
+                 "--set", "hidden=3", "--set", "eval_train=100", "--lr", "snopt=0.05", "--lr", "adam=0.02",
+                 "--out", str(tmp_path),
+                 "--no-isolate", "--quiet"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "| snopt | 0.05 |" in out and "| adam | 0.02 |" in out
+    for name in ("snopt", "adam"):
+        r = json.loads((tmp_path / f"digits-digits_{name}_seed0.json").read_text())
+        _check_run(r, 4)
+    summary = json.loads((tmp_path / "digits-digits_summary.json").read_text())
+    assert set(summary) == {"aggregate", "ratios", "machine", "table"}
+    assert set(summary["ratios"]) == {"snopt/adam"}
+    png = tmp_path / "digits-digits_curves.png"
+    data = png.read_bytes()
+    assert data.startswith(PNG_MAGIC) and len(data) > 10_000
+
+
+def test_isolated_run_matches_the_in_process_record_shape() -> None:
+    cfg = RunConfig(task="cnf", optimizer="adam", iterations=2, batch_size=16, eval_every=2,
+                    options={"hidden": 4, "n_train": 50, "n_test": 50})
+    r = run(cfg, isolate=True)
+    _check_run(r, 2)
+    assert r["config"] == cfg.to_dict()
+
+
+def test_config_validation_and_options() -> None:
+    with pytest.raises(ValueError, match="Unknown task"):
+        RunConfig(task="cifar")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="Unknown optimizer"):
+        RunConfig(optimizer="lbfgs")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="`iterations` must be at least 1"):
+        RunConfig(iterations=0)
+    cfg = RunConfig(task="digits", options={"hiden": 3})
+    with pytest.raises(ValueError, match="Unknown option"):
+        resolve(cfg, task_defaults(cfg))
+    paper = resolve(RunConfig(task="digits", preset="paper", optimizer="adam"), task_defaults(
+        RunConfig(task="digits", preset="paper")))
+    assert paper.lr == 1e-3 and paper.options["hidden"] == 64 and paper.batch_size == 128
+    assert RunConfig.from_dict(RunConfig(seed=3, options={"a": 1}).to_dict()) == RunConfig(seed=3, options={"a": 1})
+    assert main(["digits", "--iterations", "0", "--no-isolate"]) == 2
+
+
+def test_epoch_sampler_visits_every_example_once_per_epoch() -> None:
+    s = EpochSampler(10, 3)
+    g = torch.Generator().manual_seed(0)
+    seen = torch.cat([s.next(g) for _ in range(3)])
+    assert len(set(seen.tolist())) == 9
+
+
+def _fake(name: str, t_loss: float | None, total: float = 10.0) -> dict:
+    ev = {"iteration": [0, 1, 2], "time": [0.0, 1.0, 2.0], "cpu_time": [0.0, 1.0, 2.0],
+          "train_loss": [1.0, 0.5, 0.1], "test_metric": [0.1, 0.5, 0.9]}
+    summary = {k: None for k in ("final_test_metric", "best_test_metric", "final_train_loss",
+                                 "time_to_target_metric", "cpu_time_to_target_metric", "iterations_to_target_loss",
+                                 "iterations_to_target_metric", "mean_step_time", "median_step_time",
+                                 "mean_nfe_forward", "mean_nfe_backward", "peak_rss_mib", "peak_cuda_mib")}
+    summary.update(time_to_target_loss=t_loss, cpu_time_to_target_loss=t_loss, train_time=total,
+                   train_cpu_time=total)
+    return {"config": {"optimizer": name, "seed": 0}, "resolved": {"lr": 0.1}, "diverged": None, "evals": ev,
+            "summary": summary}
+
+
+def test_time_to_target_and_ratio_bounds() -> None:
+    ev = _fake("x", None)["evals"]
+    assert time_to(ev, "train_loss", 0.5, lower=True) == (1.0, 1)
+    assert time_to(ev, "test_metric", 0.95, lower=False) == (None, None)
+    ratios = target_ratios(aggregate([_fake("snopt", 2.0), _fake("adam", 4.0), _fake("sgd", None, total=10.0)]))
+    assert ratios["snopt/adam"]["loss"] == {"ratio": 0.5, "bound": "="}
+    assert ratios["snopt/sgd"]["loss"] == {"ratio": 0.2, "bound": "<="}
+    assert ratios["snopt/sgd"]["metric"]["bound"] == "n/a"
+
+
+def test_blown_up_dynamics_stop_the_run_as_diverged() -> None:
+    cfg = RunConfig(task="cnf", optimizer="sgd", iterations=3, batch_size=16, eval_every=3, nfe_limit=0.5,
+                    options={"hidden": 4, "n_train": 50, "n_test": 50})
+    r = train(cfg)
+    assert r["diverged"] is not None and "NFE" in r["diverged"]
+    assert len(r["history"]["iteration"]) == 1 and r["summary"]["diverged"]
+    agg = aggregate([r])
+    assert agg["sgd"]["diverged"] == 1
