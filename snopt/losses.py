@@ -55,6 +55,11 @@ class LinearCrossEntropy:
     def __init__(self, weight: Tensor, bias: Tensor | None, labels: Tensor) -> None:
         if weight.ndim != 2:
             raise ValueError(f"`weight` must be (C, d); got shape {tuple(weight.shape)}.")
+        if bias is not None and bias.shape != (weight.shape[0],):
+            raise ValueError(f"`bias` must have shape ({weight.shape[0]},) to match `weight`; got {tuple(bias.shape)}.")
+        if labels.ndim != 1 or labels.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"`labels` must be a 1-D integer tensor (B,); got shape {tuple(labels.shape)}, "
+                             f"dtype {labels.dtype}.")
         self.weight = weight.detach()
         self.bias = None if bias is None else bias.detach()
         self.labels = labels

@@ -95,3 +95,13 @@ def test_mse_roots_scale() -> None:
 def test_bad_arguments(make: object, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         make()  # type: ignore[operator]
+
+
+@pytest.mark.parametrize(("bias", "labels", "match"), [
+    (torch.zeros(3), torch.zeros(4, dtype=torch.int64), "bias"),
+    (None, torch.zeros(4, 2, dtype=torch.int64), "labels"),
+    (None, torch.zeros(4), "labels"),
+], ids=["bias-shape", "labels-2d", "labels-float"])
+def test_linear_cross_entropy_rejects_bad_bias_and_labels(bias, labels, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        LinearCrossEntropy(torch.zeros(5, 2), bias, labels)

@@ -206,3 +206,9 @@ def test_newton_cg_step_needs_the_problem() -> None:
         opt.step(lambda: 0.0)
     with pytest.raises(ValueError, match="needs x0=, t_span= and loss_fn="):
         opt.step(x0=x0, t_span=t)
+
+
+@pytest.mark.parametrize("cg_tol", [0.0, -1e-3, float("nan")])
+def test_newton_cg_rejects_non_positive_cg_tol(cg_tol: float) -> None:
+    with pytest.raises(ValueError, match="cg_tol"):
+        snopt.optim.NewtonCG(torch.nn.Linear(2, 2), cg_tol=cg_tol)

@@ -96,6 +96,8 @@ class NewtonCG(torch.optim.Optimizer):
             raise ValueError(f"`curvature` must be 'ggn' or 'hessian'; got {curvature!r}.")
         if max_cg_iters < 1:
             raise ValueError(f"Invalid max_cg_iters: {max_cg_iters}")
+        if not cg_tol > 0:
+            raise ValueError(f"Invalid cg_tol: {cg_tol} (must be > 0)")
         params = [p for p in func.parameters() if p.requires_grad]
         super().__init__(params, {"lr": lr, "damping": damping})
         self.func = func
