@@ -177,6 +177,8 @@ def test_config_validation_and_options() -> None:
     assert paper.lr == 1e-3 and paper.options["hidden"] == 64 and paper.batch_size == 128
     assert RunConfig.from_dict(RunConfig(seed=3, options={"a": 1}).to_dict()) == RunConfig(seed=3, options={"a": 1})
     assert main(["digits", "--iterations", "0", "--no-isolate"]) == 2
+    assert main(["cnf", "--dataset", "mnist", "--no-isolate"]) == 2
+    assert main(["digits", "--set", "widht=3", "--no-isolate"]) == 2
 
 
 def test_epoch_sampler_visits_every_example_once_per_epoch() -> None:

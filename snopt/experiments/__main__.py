@@ -20,7 +20,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from snopt.experiments._common import OPTIMIZER_NAMES, PRESETS, TASK_NAMES, RunConfig, TaskName
+from snopt.experiments._common import OPTIMIZER_NAMES, PRESETS, TASK_NAMES, RunConfig, TaskName, resolve
 
 _COMMANDS = (*TASK_NAMES, "demo")
 
@@ -71,13 +71,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--snopt-eps", type=float, default=None, help="SNOpt damping eps (default: preset's)")
     p.add_argument("--snopt-freq", type=int, default=None, help="SNOpt update_freq (default: preset's)")
     p.add_argument("--snopt-alpha", type=float, default=0.75, help="SNOpt second-moment decay")
+    p.add_argument("--ode-only", action="store_true", default=None,
+                   help="train only the ODE blocks with the compared optimizer and the rest with Adam at --lr2 "
+                        "(the authors' time-series protocol; default: the preset's)")
+    p.add_argument("--lr2", type=float, default=None, help="Adam's rate for the non-ODE parameters with --ode-only")
+    p.add_argument("--nfe-limit", type=float, default=10.0,
+                   help="stop a run as diverged once an iteration's NFE exceeds this multiple of the first's "
+                        "(0: never)")
     p.add_argument("--target-loss", type=float, default=None, help="training-loss target for time-to-target")
     p.add_argument("--target-metric", type=float, default=None,
                    help="test-metric target (accuracy in [0, 1], or NLL in nats)")
     p.add_argument("--set", action="append", default=None, metavar="KEY=VALUE",
                    help="task option, e.g. hidden=32, rtol=1e-4, subset=20000 (repeatable)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default: 1 for the fast preset on CPU — its models are too small to gain "
+                        "from intra-op threads, which only spin-wait on a busy machine — else torch's)")
     p.add_argument("--out", default="results", help="output folder for JSON and PNG files")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--no-isolate", action="store_true",
@@ -95,7 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     Returns:
         The exit status.
     """
-    from snopt.experiments._runner import compare, quiet_warnings
+    from snopt.experiments._runner import compare, quiet_warnings, task_defaults
 
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     quiet_warnings()
@@ -108,13 +117,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             lrs.update({k: float(v) for k, v in _key_values([item], "--lr").items()})
         else:
             lr_all = float(item)
+    threads = args.threads
+    if threads is None and args.preset == "fast" and args.device == "cpu":
+        threads = 1
     try:
         base = RunConfig(task=task, dataset=args.dataset, preset=args.preset, iterations=args.iterations,
                          batch_size=args.batch_size, eval_every=args.eval_every, lr=lr_all, momentum=args.momentum,
                          weight_decay=args.weight_decay, snopt_eps=args.snopt_eps, snopt_freq=args.snopt_freq,
                          snopt_alpha=args.snopt_alpha, target_loss=args.target_loss,
-                         target_metric=args.target_metric, device=args.device, threads=args.threads,
+                         target_metric=args.target_metric, device=args.device, threads=threads,
+                         ode_only=args.ode_only, lr2=args.lr2, nfe_limit=args.nfe_limit or None,
                          options=_key_values(args.set, "--set"))
+        resolve(base, task_defaults(base))  # unknown data sets and options fail here, not in a child process
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -40,7 +40,7 @@ def image_defaults(dataset: str, preset: str) -> TaskDefaults:
     """
     if dataset not in ("digits", "fashion"):
         raise ValueError(f"Unknown image data set {dataset!r}; choose 'digits' or 'fashion'.")
-    common: dict[str, Any] = {"hidden": 16, "pool": 2, "subset": None, "test_subset": None, "eval_train": 2000,
+    common: dict[str, Any] = {"hidden": 16, "pool": 2, "subset": None, "test_subset": None, "eval_train": 1000,
                               "method": "dopri5", "rtol": 1e-3, "atol": 1e-3, "adjoint_norm": "mixed"}
     if preset == "paper":
         digits = dataset == "digits"
