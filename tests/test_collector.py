@@ -290,3 +290,18 @@ def test_disabled_collector_folds_nothing_and_removed_collector_has_no_hooks() -
 def test_collector_rejects_bad_arguments(kwargs: dict[str, Any], match: str) -> None:
     with pytest.raises(ValueError, match=match):
         FactorCollector(MLPField(), **kwargs)
+
+
+def test_batch_size_is_the_batch_not_a_broadcast_input() -> None:
+    # A CNF's hyper-layers see a (1, 1) time input; the m2 scale must still be the batch size.
+    from snopt.nn._cnf import CNFField, cnf_log_density
+
+    torch.manual_seed(0)
+    field = CNFField(2, hidden=8)
+    block = snopt.ODEBlock(field)
+    opt = snopt.SNOpt(block, torch.optim.SGD(block.parameters(), lr=0.01))
+    logp = cnf_log_density(field, torch.randn(64, 2), 1.0, snopt.odeint, observer=block.observer,
+                           stats=block.stats)
+    (-logp.mean()).backward()
+    opt.step()
+    assert {opt.state[layer.weight]["batch_size"] for layer in opt.layers} == {64.0}

@@ -53,7 +53,8 @@ class FactorCollector:
     Attributes:
         factors: Layer name → accumulated `KronFactors` (created on first data).
         enabled: Collection on/off; off costs one check per layer call.
-        batch_size: Leading dimension of the latest layer input seen.
+        batch_size: Largest leading dimension of a layer input folded since the last reset (the
+            batch size B; layers fed a broadcast input, e.g. a CNF's (1, 1) time input, see 1).
     """
 
     def __init__(self, module: nn.Module, *, mode: Literal["ode", "static"] = "ode",
@@ -99,6 +100,7 @@ class FactorCollector:
         for r in self._reduce.values():
             r.reset_()
         self._latest.clear()
+        self.batch_size = 1
 
     def kron_factors(self) -> dict[str, KronFactors]:
         """The accumulated factors per layer (finalised from the running sums in "reduce" mode)."""
@@ -125,7 +127,7 @@ class FactorCollector:
         a_bar = layer_inputs(module, a)
         g_rows = layer_output_grads(module, g)
         b = a.shape[0] if a.ndim > 1 else 1
-        self.batch_size = b
+        self.batch_size = max(self.batch_size, b)
         locations = g_rows.shape[0] / b
         if name not in self.factors:
             d_in, d_out = layer_dims(module)
