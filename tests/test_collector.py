@@ -14,13 +14,6 @@ from snopt.curvature import FactorCollector, KronFactors, kron_block, weight_gra
 DT = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Any:
-    # Tiny tensors: a second OpenMP thread only adds spin-waiting on a shared 2-core machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _randn(*shape: int, seed: int) -> Tensor:

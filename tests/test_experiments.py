@@ -2,7 +2,6 @@
 
 import json
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,16 +12,6 @@ from snopt.experiments import GRUODE, RunConfig, train
 from snopt.experiments.__main__ import main
 from snopt.experiments._common import EpochSampler, resolve
 from snopt.experiments._runner import aggregate, run, target_ratios, task_defaults, time_to
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """One torch thread (tiny models on shared cores), restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 RUN_KEYS = {"config", "resolved", "machine", "task", "history", "evals", "memory", "diverged", "summary"}

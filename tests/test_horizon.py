@@ -13,14 +13,6 @@ import snopt
 from snopt.optim._horizon import HorizonController, HorizonDerivatives, horizon_derivatives
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Any:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 class Field(nn.Module):
     def __init__(self, dim: int = 3, width: int = 8) -> None:
         super().__init__()

@@ -12,12 +12,6 @@ import snopt
 DT = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Any:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 class Field(nn.Module):

@@ -55,12 +55,6 @@ TIGHT: dict[str, Any] = {"method": "dopri5", "rtol": 1e-10, "atol": 1e-12}
 TOL = 1e-6
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Any:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def forward_cases(kind: str = "mlp") -> st.SearchStrategy[Case]:

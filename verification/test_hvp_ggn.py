@@ -10,7 +10,6 @@ for every quantity compared.
 """
 
 import copy
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -70,18 +69,6 @@ def _rel_asym(m: Tensor) -> float:
     return float((m - m.T).norm() / m.norm())
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Run on one thread (restored afterwards).
-
-    These problems are tiny (n + p ≤ ~150): threads only add synchronisation, and on a loaded
-    2-core machine an OpenMP region waiting for a descheduled thread made single examples of
-    the conv test take 30 s instead of 1 s.
-    """
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # ----------------------------------------------------------------------------------------------

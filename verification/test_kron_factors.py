@@ -64,12 +64,6 @@ TOL_SAME_GRID_DOPRI5 = 1e-7
 TOL_EXACT = 1e-7
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Any:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -33,13 +33,6 @@ from verification.strategies import LinearSpec, Problem, linear_problems, mlp_pr
 Grads = dict[str, Any]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Any:
-    # Tiny tensors gain nothing from intra-op threads; on a shared machine they add contention.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 TIGHT = {"rtol": 1e-12, "atol": 1e-12}

@@ -33,14 +33,6 @@ DIM, WIDTH, BATCH = 8, 64, 32
 FEW, MANY = 10, 1000
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Any:
-    # Tiny tensors gain nothing from intra-op threads; on a shared 2-core machine they only
-    # add contention (and these tests time nothing).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 class SavedTensorMeter:

@@ -28,12 +28,6 @@ MLP32 = Problem(field=FieldSpec(dim=2, width=8, activation="silu", time_dependen
                 batch=2, t=(0.0, 0.125, 0.25), seed=4)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Any:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 # ----------------------------------------------------------------------------------------------

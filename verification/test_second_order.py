@@ -15,7 +15,6 @@ test_second_order_mutation.py to show each check fails when a term of the adjoin
 """
 
 import functools
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -130,18 +129,6 @@ def _fraction(n: int) -> int:
     return max(2, round(settings().max_examples * n / 8))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Run on one thread (restored afterwards).
-
-    These problems are tiny (n + p ≤ ~150): threads only add synchronisation, and on a loaded
-    2-core machine an OpenMP region waiting for a descheduled thread made single examples of
-    the conv test take 30 s instead of 1 s.
-    """
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ and against the closed form must exceed the tolerance the real code meets by at 
 the quantity the term feeds.
 """
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -91,18 +91,6 @@ def hvp_mutant(original: Dynamics, drop: str) -> Dynamics:
 
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Run on one thread (restored afterwards).
-
-    These problems are tiny (n + p ≤ ~150): threads only add synchronisation, and on a loaded
-    2-core machine an OpenMP region waiting for a descheduled thread made single examples of
-    the conv test take 30 s instead of 1 s.
-    """
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 HESSIAN_BLOCKS = ("hess_params", "hess_x0", "hess_x0_params")

@@ -19,7 +19,6 @@ the batch-size factor dropped, the old basis after a refresh) give relative erro
 """
 
 from collections.abc import Callable
-from typing import Any
 
 import pytest
 import torch
@@ -33,12 +32,6 @@ DT = torch.float64
 TOL = 1e-10
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Any:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 class MLPField(nn.Module):
