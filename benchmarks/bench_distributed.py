@@ -44,6 +44,7 @@ import snopt
 from snopt.curvature._eigen import eigenbasis
 from snopt.curvature._kron import KronFactors
 from snopt.data import load_digits
+from snopt.experiments._common import cpu_model
 from snopt.optim import _distributed as D  # noqa: N812
 
 RESULTS = Path(__file__).resolve().parent / "results" / "distributed_cpu.md"
@@ -199,12 +200,6 @@ def eigh_times(dims: list[int], reps: int = 3) -> dict[int, float]:
     return out
 
 
-def cpu_model() -> str:
-    try:
-        text = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10, check=True).stdout
-        return next((ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("Model name")), "n/a")
-    except (OSError, subprocess.SubprocessError):
-        return "n/a"
 
 
 def _row(res: dict[str, Any]) -> str:

@@ -23,7 +23,6 @@ import datetime
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -37,6 +36,7 @@ import torchdiffeq
 from torch import Tensor, nn
 
 import snopt
+from snopt.experiments._common import cpu_model
 
 DIM, HIDDEN, BATCH = 16, 64, 256
 RTOL = ATOL = 1e-5
@@ -161,15 +161,6 @@ def test_backward_snopt_seminorm(benchmark: Any, problem: str) -> None:
 # Script mode: all solvers in one run, written to benchmarks/results/
 # ----------------------------------------------------------------------------------------------
 
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10, check=True).stdout
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    for line in out.splitlines():
-        if line.strip().startswith("Model name:"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
 
 
 def measure(problem: str, reps: int) -> dict[str, dict[str, Any]]:

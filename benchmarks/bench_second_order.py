@@ -33,7 +33,6 @@ import datetime
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -51,6 +50,7 @@ if str(ROOT) not in sys.path:  # script mode: make `verification` importable
     sys.path.insert(0, str(ROOT))
 
 import snopt  # noqa: E402
+from snopt.experiments._common import cpu_model  # noqa: E402
 from verification._second_order_refs import (  # noqa: E402
     memory_problem,
     peak_rss_mb,
@@ -165,15 +165,6 @@ def test_second_order_dense_hessian(benchmark: Any, width: int) -> None:
 # Script mode
 # ----------------------------------------------------------------------------------------------
 
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10, check=True).stdout
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    for line in out.splitlines():
-        if line.strip().startswith("Model name:"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
 
 
 def machine_table() -> list[str]:
