@@ -208,3 +208,21 @@ def test_blown_up_dynamics_stop_the_run_as_diverged() -> None:
     assert len(r["history"]["iteration"]) == 1 and r["summary"]["diverged"]
     agg = aggregate([r])
     assert agg["sgd"]["diverged"] == 1
+
+
+@pytest.mark.parametrize(("given", "expected"), [(None, 1e-3), (0.0, None), (5e-4, 5e-4)])
+def test_snopt_kl_clip_reaches_the_optimizer(given: float | None, expected: float | None) -> None:
+    # The digits preset turns the trust region on (1e-3); 0 turns it off; a value overrides it.
+    from snopt.experiments._runner import make_stepper, make_task
+
+    cfg = RunConfig(task="digits", optimizer="snopt", snopt_kl_clip=given, options={"hidden": 4, "eval_train": 50})
+    res = resolve(cfg, task_defaults(cfg))
+    assert res.snopt_kl_clip == expected
+    _, opt = make_stepper(cfg, res, make_task(cfg, res, torch.device("cpu")))
+    assert isinstance(opt, snopt.SNOpt) and opt.kl_clip == expected
+
+
+def test_snopt_kl_clip_must_not_be_negative() -> None:
+    with pytest.raises(ValueError, match="snopt_kl_clip"):
+        RunConfig(task="digits", snopt_kl_clip=-1.0)
+    assert main(["digits", "--snopt-kl-clip", "-1", "--quiet", "--no-plots"]) == 2

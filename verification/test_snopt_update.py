@@ -124,13 +124,16 @@ class DenseEKFAC:
 
 
 def snopt_steps(name: str, *, alpha: float, eps: float, steps: int, lr: float = 1.0, update_freq: int = 2,
-                mutate: str | None = None) -> dict[str, list[float]]:
-    """Run `steps` SNOpt steps over SGD(lr); per layer, the relative error of −Δθ/lr against the dense update."""
+                kl_clip: float | None = None, mutate: str | None = None) -> dict[str, list[float]]:
+    """Run `steps` SNOpt steps over SGD(lr); per layer, the relative error of −Δθ/lr against the dense update.
+
+    With `kl_clip`, every layer's dense update u is scaled by ν = min(1, √(kl_clip / Σ lr²⟨u, ∇W⟩)).
+    """
     make, shape = MODELS[name]
     model = make()
     x, y = _data(shape)
     opt = snopt.SNOpt(model, torch.optim.SGD(model.parameters(), lr=lr), eps=eps, alpha=alpha,
-                      update_freq=update_freq)
+                      update_freq=update_freq, kl_clip=kl_clip)
     refs: dict[str, DenseEKFAC] = {}
     errs: dict[str, list[float]] = {layer.name: [] for layer in opt.layers}
     for k in range(steps):
@@ -144,18 +147,25 @@ def snopt_steps(name: str, *, alpha: float, eps: float, steps: int, lr: float = 
         before = {layer.name: weight_matrix(layer.module) for layer in opt.layers}
         grads = {layer.name: grad_matrix(layer.module).clone() for layer in opt.layers}
         opt.step()
+        expected: dict[str, Tensor] = {}
         for layer in opt.layers:
             batch = float(shape[0])
             if mutate == "no-batch-factor":
                 batch = 1.0
             ref = refs[layer.name]
-            expected = ref.update(grads[layer.name], alpha=1.0 if mutate == "frozen-m2" else alpha, eps=eps,
-                                  batch=batch)
+            expected[layer.name] = ref.update(grads[layer.name], alpha=1.0 if mutate == "frozen-m2" else alpha,
+                                              eps=eps, batch=batch)
             if alpha == 1.0:  # KFAC with damping, by a dense solve
                 kfac = torch.kron(ref.G, ref.A) + eps * torch.eye(ref.q.shape[0], dtype=DT)
-                direct = torch.linalg.solve(kfac, grads[layer.name].reshape(-1)).reshape(expected.shape)
-                assert rel_err(expected, direct) < 1e-9, layer.name
-            errs[layer.name].append(rel_err((before[layer.name] - weight_matrix(layer.module)) / lr, expected))
+                direct = torch.linalg.solve(kfac, grads[layer.name].reshape(-1)).reshape(grads[layer.name].shape)
+                assert rel_err(expected[layer.name], direct) < 1e-9, layer.name
+        if kl_clip is not None and mutate != "no-clip":
+            vg = sum(lr**2 * float((expected[n] * grads[n]).sum()) for n in expected)
+            nu = min(1.0, (kl_clip / vg) ** 0.5)
+            expected = {n: nu * u for n, u in expected.items()}
+        for layer in opt.layers:
+            errs[layer.name].append(rel_err((before[layer.name] - weight_matrix(layer.module)) / lr,
+                                            expected[layer.name]))
     return errs
 
 
@@ -180,9 +190,49 @@ def test_running_second_moment_and_refresh_over_four_steps(name: str) -> None:
     assert max(max(e) for e in errs.values()) < TOL, errs
 
 
-@pytest.mark.parametrize("mutate", ["frozen-m2", "no-batch-factor", "stale-basis"])
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("kl_clip", [1e-6, 1e-3, 1e6])
+def test_kl_clip_scales_every_layer_by_the_trust_region_factor(name: str, kl_clip: float) -> None:
+    # The trust region: all preconditioned layers share one factor ν = min(1, √(kl_clip / Σ lr²⟨u, ∇W⟩)).
+    # 1e-6 and 1e-3 clip at lr = 0.1 on these models (ν ≈ 0.003–0.1); 1e6 never does (ν = 1).
+    errs = snopt_steps(name, alpha=0.75, eps=0.05, steps=3, lr=0.1, kl_clip=kl_clip)
+    assert max(max(e) for e in errs.values()) < TOL, errs
+
+
+def test_kl_clip_bounds_the_predicted_change_and_rejects_bad_values() -> None:
+    make, shape = MODELS["mlp"]
+    model = make()
+    x, y = _data(shape)
+    opt = snopt.SNOpt(model, torch.optim.SGD(model.parameters(), lr=0.1), kl_clip=1e-4, update_freq=1)
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    refs = {}
+    for layer in opt.layers:
+        f = layer.collector.kron_factors()[layer.name]
+        refs[layer.name] = DenseEKFAC(f.A.clone(), f.G.clone())
+    grads = {layer.name: grad_matrix(layer.module).clone() for layer in opt.layers}
+    before = {layer.name: weight_matrix(layer.module) for layer in opt.layers}
+    opt.step()
+    # The step's predicted change under the preconditioner F̃ = Q diag(m2 + eps) Qᵀ (dense, after this
+    # step's m2 update): Σ Δθᵀ F̃ Δθ = kl_clip exactly when clipping is active.
+    quad = 0.0
+    for layer in opt.layers:
+        ref = refs[layer.name]
+        ref.update(grads[layer.name], alpha=0.75, eps=0.05, batch=float(shape[0]))
+        f_tilde = ref.q @ torch.diag(ref.m2 + 0.05) @ ref.q.T
+        d = (before[layer.name] - weight_matrix(layer.module)).reshape(-1)
+        quad += float(d @ f_tilde @ d)
+    assert opt.last_clip < 1.0
+    assert abs(quad - 1e-4) < 1e-12
+    for bad in (0.0, -1.0):
+        with pytest.raises(ValueError, match="kl_clip"):
+            snopt.SNOpt(model, torch.optim.SGD(model.parameters(), lr=0.1), kl_clip=bad)
+
+
+@pytest.mark.parametrize("mutate", ["frozen-m2", "no-batch-factor", "stale-basis", "no-clip"])
 def test_the_check_fails_on_a_wrong_reference(mutate: str) -> None:
     # The same comparison against a reference with one planted mistake: it must fail clearly.
-    errs = snopt_steps("mlp", alpha=0.75, eps=0.05, steps=4, lr=0.01, mutate=mutate)
+    errs = snopt_steps("mlp", alpha=0.75, eps=0.05, steps=4, lr=0.01 if mutate != "no-clip" else 0.1,
+                       kl_clip=1e-4 if mutate == "no-clip" else None, mutate=mutate)
     worst = max(max(e) for e in errs.values())
     assert worst > 1e-2, errs

@@ -126,7 +126,7 @@ def make_stepper(cfg: RunConfig, res: Resolved, task: Task) -> tuple[Stepper, to
     else:
         base = torch.optim.SGD(params, lr=res.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         opt = SNOpt(model, base, eps=res.snopt_eps, update_freq=res.snopt_freq, alpha=cfg.snopt_alpha,
-                    full_precond=not res.ode_only)
+                    full_precond=not res.ode_only, kl_clip=res.snopt_kl_clip)
     opts = [opt] + ([torch.optim.Adam(others, lr=res.lr2, weight_decay=cfg.weight_decay)] if others else [])
 
     def step(batch: tuple[Tensor, ...]) -> float:
@@ -258,6 +258,7 @@ def _train(cfg: RunConfig, *, quiet: bool) -> dict[str, Any]:
         "config": cfg.to_dict(),
         "resolved": {"iterations": res.iterations, "batch_size": res.batch_size, "eval_every": res.eval_every,
                      "lr": res.lr, "snopt_eps": res.snopt_eps, "snopt_freq": res.snopt_freq,
+                     "snopt_kl_clip": res.snopt_kl_clip,
                      "target_loss": res.target_loss, "target_metric": res.target_metric, "ode_only": res.ode_only,
                      "lr2": res.lr2, "options": res.options},
         "machine": machine_info(device),

@@ -59,6 +59,11 @@ class SNOpt(torch.optim.Optimizer):
         distributed: Data-parallel (DDP) mode: factors all-reduced once per collection
             iteration, eigendecompositions shared out across ranks (`snopt.optim._distributed`).
             None: on when `model` is a DistributedDataParallel over more than one rank.
+        kl_clip: Trust region on the preconditioned step (KFAC's "KL clipping", Ba et al. 2017):
+            the Kronecker layers' updates u (F̃u = ∇W, F̃ = Q diag(m2 + eps) Qᵀ) are all scaled by
+            ν = min(1, √(kl_clip / Σ lr²⟨u, ∇W⟩)), so the base step Δθ = −lr·ν·u has a predicted
+            change Σ ΔθᵀF̃Δθ ≤ kl_clip (with plain SGD; momentum then accumulates clipped steps).
+            None (the paper's algorithm): no clipping. The last ν is in `last_clip`.
 
     Raises:
         ValueError: On invalid hyper-parameters, or a model with nothing to precondition.
@@ -72,7 +77,9 @@ class SNOpt(torch.optim.Optimizer):
     def __init__(self, model: nn.Module, base: torch.optim.Optimizer, *, eps: float = 0.05, update_freq: int = 100,
                  alpha: float = 0.75, full_precond: bool = True, damping: float = 0.0,
                  time_sharing: str = "expand", sampling: str = "steps", grid_h: float = 0.01,
-                 distributed: bool | None = None) -> None:
+                 distributed: bool | None = None, kl_clip: float | None = None) -> None:
+        if kl_clip is not None and not kl_clip > 0:
+            raise ValueError(f"Invalid kl_clip: {kl_clip} (must be > 0, or None for no clipping)")
         if not eps > 0:
             raise ValueError(f"Invalid eps: {eps} (must be > 0)")
         if not 0.0 <= alpha <= 1.0:
@@ -92,6 +99,7 @@ class SNOpt(torch.optim.Optimizer):
         self.base = base
         self.update_freq = update_freq
         self.damping = damping
+        self.kl_clip = kl_clip
         super().__init__(base.param_groups, {"snopt_eps": eps, "snopt_alpha": alpha})
         self.param_groups = base.param_groups
         owned = {id(p) for g in self.param_groups for p in g["params"]}
@@ -119,6 +127,7 @@ class SNOpt(torch.optim.Optimizer):
             raise ValueError("`model` has no nn.Linear/nn.Conv2d layer (inside an ODEBlock, or anywhere with "
                              "full_precond=True) whose weight `base` optimises: nothing to precondition.")
         self._k = 0
+        self.last_clip = 1.0
         self._set_collecting(True)
         # distributed (DDP): factor all-reduce + per-rank eigendecompositions, see snopt.optim._distributed
         self._dist = make_distributed(self, distributed, model)
@@ -190,16 +199,27 @@ class SNOpt(torch.optim.Optimizer):
             return loss
         if self._k % self.update_freq == 0:
             self._refresh()
+        updates: list[tuple[nn.Module, Tensor]] = []
+        vg_sum = 0.0
         for layer in self.layers:
             st = self.state[layer.weight]
             if "m2" not in st or layer.weight.grad is None:
                 continue
             basis = EigenBasis(U_A=st["U_A"], U_G=st["U_G"], lam_A=st["lam_A"], lam_G=st["lam_G"])
             group = self._group_of(layer.weight)
-            update = precondition_(weight_grad_matrix(layer.module), basis, st["m2"],
+            grad_mat = weight_grad_matrix(layer.module)
+            update = precondition_(grad_mat, basis, st["m2"],
                                    alpha=float(group["snopt_alpha"]), eps=float(group["snopt_eps"]),
                                    scale=float(st["batch_size"]))
-            set_weight_grad_matrix(layer.module, update)
+            if self.kl_clip is not None:
+                vg_sum += float(group["lr"]) ** 2 * float((update * grad_mat).sum())
+            updates.append((layer.module, update))
+        nu = 1.0
+        if self.kl_clip is not None and vg_sum > self.kl_clip:
+            nu = (self.kl_clip / vg_sum) ** 0.5
+        self.last_clip = nu
+        for module, update in updates:
+            set_weight_grad_matrix(module, update if nu == 1.0 else update * nu)
         self.base.step()
         self._k += 1
         self._set_collecting(self._k % self.update_freq == 0)
