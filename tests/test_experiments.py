@@ -226,3 +226,22 @@ def test_snopt_kl_clip_must_not_be_negative() -> None:
     with pytest.raises(ValueError, match="snopt_kl_clip"):
         RunConfig(task="digits", snopt_kl_clip=-1.0)
     assert main(["digits", "--snopt-kl-clip", "-1", "--quiet", "--no-plots"]) == 2
+
+
+@pytest.mark.parametrize("optimizer", ["snopt", "adam"])
+def test_cosine_schedule_follows_the_formula_and_ends_at_zero(optimizer: str) -> None:
+    from snopt.experiments._runner import make_stepper, make_task
+
+    cfg = RunConfig(task="digits", optimizer=optimizer, schedule="cosine", iterations=4, lr=0.02, batch_size=8,
+                    snopt_freq=2, options={"hidden": 4, "eval_train": 50})
+    res = resolve(cfg, task_defaults(cfg))
+    task = make_task(cfg, res, torch.device("cpu"))
+    step, opt = make_stepper(cfg, res, task)
+    gen = torch.Generator().manual_seed(0)
+    for k in range(1, 5):
+        step(task.batch(gen))
+        expected = 0.02 * 0.5 * (1 + math.cos(math.pi * k / 4))
+        assert all(g["lr"] == pytest.approx(expected, abs=1e-15) for g in opt.param_groups)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-15)
+    with pytest.raises(ValueError, match="schedule"):
+        RunConfig(task="digits", schedule="linear")

@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--snopt-alpha", type=float, default=0.75, help="SNOpt second-moment decay")
     p.add_argument("--snopt-kl-clip", type=float, default=None,
                    help="SNOpt trust region on the step (KFAC's KL clipping; 0: off; default: preset's)")
+    p.add_argument("--schedule", choices=("constant", "cosine"), default=None,
+                   help="learning-rate schedule of every optimizer (cosine: to 0 at the last iteration; "
+                        "default: preset's)")
     p.add_argument("--ode-only", action="store_true", default=None,
                    help="train only the ODE blocks with the compared optimizer and the rest with Adam at --lr2 "
                         "(the authors' time-series protocol; default: the preset's)")
@@ -127,6 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                          batch_size=args.batch_size, eval_every=args.eval_every, lr=lr_all, momentum=args.momentum,
                          weight_decay=args.weight_decay, snopt_eps=args.snopt_eps, snopt_freq=args.snopt_freq,
                          snopt_alpha=args.snopt_alpha, snopt_kl_clip=args.snopt_kl_clip,
+                         schedule=args.schedule,
                          target_loss=args.target_loss,
                          target_metric=args.target_metric, device=args.device, threads=threads,
                          ode_only=args.ode_only, lr2=args.lr2, nfe_limit=args.nfe_limit or None,

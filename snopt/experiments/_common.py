@@ -30,6 +30,7 @@ TaskName = Literal["digits", "fashion", "timeseries", "cnf"]
 TASK_NAMES: tuple[TaskName, ...] = ("digits", "fashion", "timeseries", "cnf")
 Preset = Literal["fast", "paper"]
 PRESETS: tuple[Preset, ...] = ("fast", "paper")
+SCHEDULES = ("constant", "cosine")
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,8 @@ class TaskDefaults:
         snopt_eps: SNOpt's damping eps.
         snopt_freq: SNOpt's `update_freq`.
         snopt_kl_clip: SNOpt's trust region on the step (`SNOpt`'s `kl_clip`; None: off).
+        schedule: Learning-rate schedule of every optimizer: ``"constant"`` or ``"cosine"``
+            (lr·½(1 + cos(πk/K)) at iteration k of K, ending at 0).
         ode_only: The compared optimizer trains only the ODE blocks' parameters; the rest use
             Adam at `lr2` (the authors' time-series protocol).
         lr2: Adam's rate for the non-ODE parameters when `ode_only`.
@@ -61,6 +64,7 @@ class TaskDefaults:
     snopt_eps: float = 0.05
     snopt_freq: int = 100
     snopt_kl_clip: float | None = None
+    schedule: str = "constant"
     ode_only: bool = False
     lr2: float = 1e-3
     options: dict[str, Any] = field(default_factory=dict)
@@ -86,6 +90,7 @@ class RunConfig:
         snopt_freq: SNOpt `update_freq` (None: the preset's).
         snopt_alpha: SNOpt second-moment decay.
         snopt_kl_clip: SNOpt trust region `kl_clip` (None: the preset's; 0: off).
+        schedule: ``"constant"`` or ``"cosine"`` learning rates (None: the preset's).
         ode_only: Train only the ODE blocks with `optimizer`, the rest with Adam at `lr2`
             (None: the preset's; True under ``paper`` for the time series).
         lr2: Adam's rate for the non-ODE parameters when `ode_only` (None: the preset's).
@@ -113,6 +118,7 @@ class RunConfig:
     snopt_freq: int | None = None
     snopt_alpha: float = 0.75
     snopt_kl_clip: float | None = None
+    schedule: str | None = None
     ode_only: bool | None = None
     lr2: float | None = None
     target_loss: float | None = None
@@ -133,6 +139,8 @@ class RunConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"`{name}` must be at least 1; got {value}.")
+        if self.schedule is not None and self.schedule not in SCHEDULES:
+            raise ValueError(f"Unknown schedule {self.schedule!r}; choose one of {SCHEDULES}.")
         if self.snopt_kl_clip is not None and self.snopt_kl_clip < 0:
             raise ValueError(f"`snopt_kl_clip` must be ≥ 0 (0: off); got {self.snopt_kl_clip}.")
         for name in ("lr", "snopt_eps", "nfe_limit", "lr2"):
@@ -169,6 +177,7 @@ class Resolved:
     snopt_eps: float
     snopt_freq: int
     snopt_kl_clip: float | None
+    schedule: str
     target_loss: float
     target_metric: float
     ode_only: bool
@@ -200,6 +209,7 @@ def resolve(cfg: RunConfig, defaults: TaskDefaults) -> Resolved:
         snopt_eps=cfg.snopt_eps if cfg.snopt_eps is not None else defaults.snopt_eps,
         snopt_freq=cfg.snopt_freq or defaults.snopt_freq,
         snopt_kl_clip=(defaults.snopt_kl_clip if cfg.snopt_kl_clip is None else cfg.snopt_kl_clip or None),
+        schedule=cfg.schedule or defaults.schedule,
         target_loss=cfg.target_loss if cfg.target_loss is not None else defaults.target_loss,
         target_metric=cfg.target_metric if cfg.target_metric is not None else defaults.target_metric,
         ode_only=cfg.ode_only if cfg.ode_only is not None else defaults.ode_only,

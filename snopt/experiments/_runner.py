@@ -128,6 +128,8 @@ def make_stepper(cfg: RunConfig, res: Resolved, task: Task) -> tuple[Stepper, to
         opt = SNOpt(model, base, eps=res.snopt_eps, update_freq=res.snopt_freq, alpha=cfg.snopt_alpha,
                     full_precond=not res.ode_only, kl_clip=res.snopt_kl_clip)
     opts = [opt] + ([torch.optim.Adam(others, lr=res.lr2, weight_decay=cfg.weight_decay)] if others else [])
+    groups = [(g, float(g["lr"])) for o in opts for g in o.param_groups]
+    done = [0]
 
     def step(batch: tuple[Tensor, ...]) -> float:
         for o in opts:
@@ -136,6 +138,11 @@ def make_stepper(cfg: RunConfig, res: Resolved, task: Task) -> tuple[Stepper, to
         loss.backward()  # type: ignore[no-untyped-call]
         for o in opts:
             o.step()
+        done[0] += 1
+        if res.schedule == "cosine":
+            factor = 0.5 * (1.0 + math.cos(math.pi * min(done[0], res.iterations) / res.iterations))
+            for g, lr0 in groups:
+                g["lr"] = lr0 * factor
         return float(loss.detach())
 
     return step, opt
@@ -258,7 +265,7 @@ def _train(cfg: RunConfig, *, quiet: bool) -> dict[str, Any]:
         "config": cfg.to_dict(),
         "resolved": {"iterations": res.iterations, "batch_size": res.batch_size, "eval_every": res.eval_every,
                      "lr": res.lr, "snopt_eps": res.snopt_eps, "snopt_freq": res.snopt_freq,
-                     "snopt_kl_clip": res.snopt_kl_clip,
+                     "snopt_kl_clip": res.snopt_kl_clip, "schedule": res.schedule,
                      "target_loss": res.target_loss, "target_metric": res.target_metric, "ode_only": res.ode_only,
                      "lr2": res.lr2, "options": res.options},
         "machine": machine_info(device),

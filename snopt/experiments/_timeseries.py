@@ -55,7 +55,7 @@ def timeseries_defaults(dataset: str, preset: str) -> TaskDefaults:
             iterations=1000, batch_size=128, eval_every=20, lr={"adam": 1e-3, "sgd": 3e-3, "snopt": 3e-3},
             target_loss=0.1, target_metric=0.95, snopt_eps=0.05, snopt_freq=100, ode_only=True, lr2=3e-3,
             options=options)
-    lr = {"adam": 0.03, "sgd": 1.0, "snopt": 0.1}
+    lr = {"adam": 0.03, "sgd": 0.3, "snopt": 0.3}
     if dataset == "BasicMotions":
         return TaskDefaults(
             iterations=100, batch_size=40, eval_every=5, lr=lr, target_loss=0.1, target_metric=0.9, snopt_eps=0.05,
