@@ -13,11 +13,8 @@ saw; the tests then assert on it:
 
 import datetime
 import os
-import socket
-import subprocess
 import sys
 import tempfile
-import time
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -232,31 +229,11 @@ def _worker(out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _launch(world: int, out_dir: str) -> None:
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE=str(world),
-               OMP_NUM_THREADS="1")
-    start = time.perf_counter()
-    procs = [subprocess.Popen([sys.executable, __file__, out_dir], env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(world)]
-    outputs = []
-    try:
-        for p in procs:
-            outputs.append(p.communicate(timeout=max(1.0, TIMEOUT_S - (time.perf_counter() - start)))[0])
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"distributed run timed out after {TIMEOUT_S} s")
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    bad = [(r, p.returncode, outputs[r][-3000:]) for r, p in enumerate(procs) if p.returncode != 0]
-    if bad:
-        pytest.fail("rank(s) failed:\n" + "\n".join(f"--- rank {r} (rc {rc}):\n{o}" for r, rc, o in bad))
+    # Imported here, in the pytest process only: each rank runs this file as a bare script.
+    from verification.test_distributed_equivalence import launch
+
+    launch(__file__, world, [out_dir], timeout=TIMEOUT_S)
 
 
 @pytest.fixture(scope="module")
