@@ -85,3 +85,27 @@ class LinearCrossEntropy:
         idx = torch.arange(b, device=x.device)
         r[idx, :, idx, :] = rb
         return r.reshape(b * c, b, d)
+
+
+def sampled_cross_entropy(logits: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """Mean cross-entropy against labels drawn from the model's own softmax (not the data's).
+
+    Its gradient's second moment over the draws is the true Fisher of the categorical
+    likelihood, which equals the Gauss-Newton matrix of the cross-entropy: E_y[∇ℓ_y ∇ℓ_yᵀ]
+    = Jᵀ(diag p − ppᵀ)J. Give it to `SNOpt.collect` on collection iterations for
+    Monte-Carlo Fisher factors instead of the empirical ones.
+
+    Args:
+        logits: Logits (B, C) of this iteration's forward pass.
+        generator: Random generator for the draws (None: torch's global one).
+
+    Returns:
+        The scalar loss (differentiable in `logits`; the labels are not).
+    """
+    if logits.ndim != 2:
+        raise ValueError(f"`logits` must be (B, C); got shape {tuple(logits.shape)}.")
+    with torch.no_grad():
+        probs = torch.softmax(logits.detach().to(torch.float64), dim=-1).cpu()
+        labels = torch.multinomial(probs, 1, generator=generator).squeeze(1).to(logits.device)
+    return torch.nn.functional.cross_entropy(logits, labels)
+

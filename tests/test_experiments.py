@@ -228,6 +228,41 @@ def test_snopt_kl_clip_must_not_be_negative() -> None:
     assert main(["digits", "--snopt-kl-clip", "-1", "--quiet", "--no-plots"]) == 2
 
 
+@pytest.mark.parametrize(("task", "options"), [("digits", {"hidden": 4, "eval_train": 50}),
+                                               ("timeseries", {"hidden": 4})])
+def test_mc_fisher_collects_from_sampled_labels_on_collection_iterations_only(
+        task: str, options: dict[str, object], monkeypatch: pytest.MonkeyPatch) -> None:
+    from snopt.experiments._runner import make_stepper, make_task
+
+    cfg = RunConfig(task=task, optimizer="snopt", snopt_fisher="mc", snopt_freq=2, batch_size=8, options=options)
+    res = resolve(cfg, task_defaults(cfg))
+    assert res.snopt_fisher == "mc"
+    tsk = make_task(cfg, res, torch.device("cpu"))
+    step, opt = make_stepper(cfg, res, tsk)
+    assert isinstance(opt, snopt.SNOpt)
+    seen: list[tuple[bool, torch.Tensor]] = []
+    real = opt.collect
+    monkeypatch.setattr(opt, "collect", lambda loss: (seen.append((opt.collecting, loss.detach())), real(loss))[1])
+    gen = torch.Generator().manual_seed(0)
+    losses = [step(tsk.batch(gen)) for _ in range(4)]
+    assert [c for c, _ in seen] == [True, True]  # iterations 0 and 2 of update_freq 2
+    assert all(math.isfinite(x) for x in losses)
+    assert all("m2" in opt.state[la.weight] for la in opt.layers)
+
+
+def test_mc_fisher_is_refused_where_there_is_no_softmax_and_unknown_values_are_rejected() -> None:
+    from snopt.experiments._runner import make_stepper, make_task
+
+    cfg = RunConfig(task="cnf", optimizer="snopt", snopt_fisher="mc", options={"hidden": 4, "n_train": 20,
+                                                                               "n_test": 20})
+    res = resolve(cfg, task_defaults(cfg))
+    with pytest.raises(ValueError, match="classification"):
+        make_stepper(cfg, res, make_task(cfg, res, torch.device("cpu")))
+    with pytest.raises(ValueError, match="snopt_fisher"):
+        RunConfig(task="digits", snopt_fisher="exact")
+    assert resolve(RunConfig(task="digits"), task_defaults(RunConfig(task="digits"))).snopt_fisher == "empirical"
+
+
 @pytest.mark.parametrize("optimizer", ["snopt", "adam"])
 def test_cosine_schedule_follows_the_formula_and_ends_at_zero(optimizer: str) -> None:
     from snopt.experiments._runner import make_stepper, make_task

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.func import hessian
 
-from snopt.losses import LinearCrossEntropy, MSELoss
+from snopt.losses import LinearCrossEntropy, MSELoss, sampled_cross_entropy
 
 # RᵀR and torch.func.hessian are two float64 evaluations of the same closed form: they agree
 # to a few ulps of the largest entry (≤ 1e-15 measured); 1e-12 leaves room for shape-dependent
@@ -105,3 +105,21 @@ def test_bad_arguments(make: object, match: str) -> None:
 def test_linear_cross_entropy_rejects_bad_bias_and_labels(bias, labels, match) -> None:
     with pytest.raises(ValueError, match=match):
         LinearCrossEntropy(torch.zeros(5, 2), bias, labels)
+
+
+def test_sampled_cross_entropy_draws_from_the_softmax_and_differentiates_the_logits() -> None:
+    logits = torch.tensor([[2.0, 0.0, -1.0, 0.5]], dtype=torch.float64).repeat(20_000, 1).requires_grad_()
+    gen = torch.Generator().manual_seed(0)
+    loss = sampled_cross_entropy(logits, gen)
+    (grad,) = torch.autograd.grad(loss, logits)
+    p = torch.softmax(logits.detach()[0], dim=0)
+    # ∂CE/∂logits = (p − e_y)/B per row, so each row's e_y is p − B·grad: a one-hot of the drawn label.
+    e = p - grad * logits.shape[0]
+    assert torch.allclose(e.sum(1), torch.ones(len(e), dtype=e.dtype), atol=1e-12)
+    assert torch.allclose(e.max(1).values, torch.ones(len(e), dtype=e.dtype), atol=1e-12)
+    freq = e.mean(0)
+    # Label frequencies match the softmax: each within 5 standard errors sqrt(p(1−p)/N).
+    se = (p * (1 - p) / len(e)).sqrt()
+    assert torch.all((freq - p).abs() < 5 * se), (freq, p)
+    with pytest.raises(ValueError, match="logits"):
+        sampled_cross_entropy(torch.zeros(3))

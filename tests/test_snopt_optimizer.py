@@ -409,3 +409,72 @@ def test_step_accepts_a_closure_and_zero_grad_clears_everything() -> None:
     assert isinstance(loss, float)
     opt.zero_grad()
     assert all(p.grad is None for p in model.parameters())
+
+
+def _factors(opt: snopt.SNOpt) -> dict[str, tuple[Tensor, Tensor, int]]:
+    return {f"{i}.{name}": (f.A.clone(), f.G.clone(), f.steps)
+            for i, c in enumerate(opt.collectors) for name, f in c.kron_factors().items()}
+
+
+@pytest.mark.parametrize("method", ["rk4", "dopri5"])
+def test_collect_takes_the_factors_from_its_loss_and_leaves_the_gradients_alone(method: str) -> None:
+    other = torch.randint(0, 3, (8,), generator=torch.Generator().manual_seed(9))
+    # Reference: an SNOpt whose one backward pass is that of the "other" loss.
+    ref_model = Net(method=method)
+    ref = snopt.SNOpt(ref_model, torch.optim.SGD(ref_model.parameters(), lr=0.1))
+    F.cross_entropy(ref_model(X), other).backward()
+    expected = _factors(ref)
+    plain = Net(method=method)
+    snopt.SNOpt(plain, torch.optim.SGD(plain.parameters(), lr=0.1))  # same observer on the block's solves
+    loss_of(plain).backward()
+
+    model = Net(method=method)
+    opt = snopt.SNOpt(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    assert opt.collecting
+    logits = model(X)
+    opt.collect(F.cross_entropy(logits, other))
+    assert not opt.collecting
+    assert all(p.grad is None for p in model.parameters())  # collect leaves .grad untouched
+    F.cross_entropy(logits, Y).backward()  # the training loss's backward, same forward graph
+    got = _factors(opt)
+    assert set(got) == set(expected) and len(got) == 4  # the block's lin1, lin2; stem and head (static)
+    for k, (a, g, steps) in expected.items():
+        assert got[k][2] == steps  # nothing folded twice (the static layers' hooks fire on both passes)
+        assert torch.equal(got[k][0], a) and torch.equal(got[k][1], g), k
+    for p, q in zip(model.parameters(), plain.parameters()):
+        assert p.grad is not None and q.grad is not None and torch.equal(p.grad, q.grad)
+    opt.step()  # refreshes from the collected factors
+    assert all("m2" in opt.state[la.weight] for la in opt.layers)
+
+
+def test_collect_off_a_collection_iteration_or_with_a_bad_loss_raises() -> None:
+    model = Net()
+    opt = snopt.SNOpt(model, torch.optim.SGD(model.parameters(), lr=0.1), update_freq=2)
+    with pytest.raises(ValueError, match="scalar"):
+        opt.collect(F.cross_entropy(model(X), Y, reduction="none"))
+    with pytest.raises(ValueError, match="requires_grad"):
+        opt.collect(torch.tensor(1.0))
+    train(model, opt, 1)
+    assert not opt.collecting
+    with pytest.raises(RuntimeError, match="collecting"):
+        opt.collect(loss_of(model))
+
+
+def test_training_with_sampled_labels_collects_every_update_freq_steps() -> None:
+    model = Net()
+    opt = snopt.SNOpt(model, torch.optim.SGD(model.parameters(), lr=0.1), update_freq=2)
+    gen = torch.Generator().manual_seed(3)
+    calls: list[int] = []
+    losses = []
+    for k in range(6):
+        opt.zero_grad()
+        logits = model(X)
+        if opt.collecting:
+            calls.append(k)
+            opt.collect(snopt.losses.sampled_cross_entropy(logits, gen))
+        loss = F.cross_entropy(logits, Y)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert calls == [0, 2, 4]
+    assert losses[-1] < losses[0]

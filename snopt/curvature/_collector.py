@@ -115,6 +115,8 @@ class FactorCollector:
             a = inputs[0].detach()
 
             def on_grad(g: Tensor) -> None:
+                if not self.enabled:  # switched off between the forward and this backward pass
+                    return
                 if self.mode == "ode":
                     self._latest[name] = (a, g.detach())
                 else:

@@ -31,6 +31,7 @@ TASK_NAMES: tuple[TaskName, ...] = ("digits", "fashion", "timeseries", "cnf")
 Preset = Literal["fast", "paper"]
 PRESETS: tuple[Preset, ...] = ("fast", "paper")
 SCHEDULES = ("constant", "cosine")
+FISHERS = ("empirical", "mc")
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,9 @@ class TaskDefaults:
         snopt_eps: SNOpt's damping eps.
         snopt_freq: SNOpt's `update_freq`.
         snopt_kl_clip: SNOpt's trust region on the step (`SNOpt`'s `kl_clip`; None: off).
+        snopt_fisher: Where SNOpt's factors come from: ``"empirical"`` (the training loss's own
+            backward pass, the paper) or ``"mc"`` (a backward pass of the loss against labels
+            sampled from the model: Monte-Carlo Fisher; classification tasks only).
         schedule: Learning-rate schedule of every optimizer: ``"constant"`` or ``"cosine"``
             (lr·½(1 + cos(πk/K)) at iteration k of K, ending at 0).
         ode_only: The compared optimizer trains only the ODE blocks' parameters; the rest use
@@ -64,6 +68,7 @@ class TaskDefaults:
     snopt_eps: float = 0.05
     snopt_freq: int = 100
     snopt_kl_clip: float | None = None
+    snopt_fisher: str = "empirical"
     schedule: str = "constant"
     ode_only: bool = False
     lr2: float = 1e-3
@@ -90,6 +95,7 @@ class RunConfig:
         snopt_freq: SNOpt `update_freq` (None: the preset's).
         snopt_alpha: SNOpt second-moment decay.
         snopt_kl_clip: SNOpt trust region `kl_clip` (None: the preset's; 0: off).
+        snopt_fisher: SNOpt statistics, ``"empirical"`` or ``"mc"`` (None: the preset's).
         schedule: ``"constant"`` or ``"cosine"`` learning rates (None: the preset's).
         ode_only: Train only the ODE blocks with `optimizer`, the rest with Adam at `lr2`
             (None: the preset's; True under ``paper`` for the time series).
@@ -118,6 +124,7 @@ class RunConfig:
     snopt_freq: int | None = None
     snopt_alpha: float = 0.75
     snopt_kl_clip: float | None = None
+    snopt_fisher: str | None = None
     schedule: str | None = None
     ode_only: bool | None = None
     lr2: float | None = None
@@ -141,6 +148,8 @@ class RunConfig:
                 raise ValueError(f"`{name}` must be at least 1; got {value}.")
         if self.schedule is not None and self.schedule not in SCHEDULES:
             raise ValueError(f"Unknown schedule {self.schedule!r}; choose one of {SCHEDULES}.")
+        if self.snopt_fisher is not None and self.snopt_fisher not in FISHERS:
+            raise ValueError(f"Unknown snopt_fisher {self.snopt_fisher!r}; choose one of {FISHERS}.")
         if self.snopt_kl_clip is not None and self.snopt_kl_clip < 0:
             raise ValueError(f"`snopt_kl_clip` must be ≥ 0 (0: off); got {self.snopt_kl_clip}.")
         for name in ("lr", "snopt_eps", "nfe_limit", "lr2"):
@@ -177,6 +186,7 @@ class Resolved:
     snopt_eps: float
     snopt_freq: int
     snopt_kl_clip: float | None
+    snopt_fisher: str
     schedule: str
     target_loss: float
     target_metric: float
@@ -209,6 +219,7 @@ def resolve(cfg: RunConfig, defaults: TaskDefaults) -> Resolved:
         snopt_eps=cfg.snopt_eps if cfg.snopt_eps is not None else defaults.snopt_eps,
         snopt_freq=cfg.snopt_freq or defaults.snopt_freq,
         snopt_kl_clip=(defaults.snopt_kl_clip if cfg.snopt_kl_clip is None else cfg.snopt_kl_clip or None),
+        snopt_fisher=cfg.snopt_fisher or defaults.snopt_fisher,
         schedule=cfg.schedule or defaults.schedule,
         target_loss=cfg.target_loss if cfg.target_loss is not None else defaults.target_loss,
         target_metric=cfg.target_metric if cfg.target_metric is not None else defaults.target_metric,
@@ -261,6 +272,23 @@ class Task(ABC):
     @abstractmethod
     def loss(self, batch: tuple[Tensor, ...]) -> Tensor:
         """The scalar training loss on `batch` (with grad)."""
+
+    def loss_and_sampled_loss(self, batch: tuple[Tensor, ...],
+                              generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """The training loss and, from the same forward pass, the loss against labels sampled from the model.
+
+        The second is what `SNOpt.collect` takes for Monte-Carlo Fisher factors (``snopt_fisher="mc"``).
+
+        Args:
+            batch: A training batch.
+            generator: Random generator of the sampled labels.
+
+        Raises:
+            NotImplementedError: For tasks without a categorical likelihood (the CNF).
+        """
+        raise NotImplementedError(
+            f"snopt_fisher='mc' samples labels from the model's softmax; the {self.name!r} task has none "
+            "(use it with digits, fashion or timeseries).")
 
     @abstractmethod
     def evaluate(self) -> dict[str, float]:

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from snopt.data import Split, load_digits, load_fashion_mnist
 from snopt.experiments._common import EpochSampler, NewtonProblem, Resolved, RunConfig, Task, TaskDefaults
+from snopt.losses import sampled_cross_entropy
 from snopt.nn._ode_block import ODEBlock
 
 _SOLVER = {"method": "dopri5", "rtol": 1e-3, "atol": 1e-3}
@@ -189,6 +190,13 @@ class ImageTask(Task):
         """Mean cross-entropy of the batch."""
         x, y = batch
         return F.cross_entropy(self.model(x), y)
+
+    def loss_and_sampled_loss(self, batch: tuple[Tensor, ...],
+                              generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """Mean cross-entropy of the batch and against labels drawn from the model's softmax (one forward)."""
+        x, y = batch
+        logits = self.model(x)
+        return F.cross_entropy(logits, y), sampled_cross_entropy(logits, generator)
 
     @torch.no_grad()
     def _loss_acc(self, x: Tensor, y: Tensor, chunk: int = 1000) -> tuple[float, float]:

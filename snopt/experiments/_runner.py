@@ -127,6 +127,11 @@ def make_stepper(cfg: RunConfig, res: Resolved, task: Task) -> tuple[Stepper, to
         base = torch.optim.SGD(params, lr=res.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         opt = SNOpt(model, base, eps=res.snopt_eps, update_freq=res.snopt_freq, alpha=cfg.snopt_alpha,
                     full_precond=not res.ode_only, kl_clip=res.snopt_kl_clip)
+    mc = isinstance(opt, SNOpt) and res.snopt_fisher == "mc"
+    if mc and task.metric != "accuracy":
+        raise ValueError(f"snopt_fisher='mc' needs a classification task (labels sampled from the softmax); "
+                         f"{cfg.task!r} has metric {task.metric!r}.")
+    labels = torch.Generator().manual_seed(cfg.seed + 991)  # the sampled labels' own stream
     opts = [opt] + ([torch.optim.Adam(others, lr=res.lr2, weight_decay=cfg.weight_decay)] if others else [])
     groups = [(g, float(g["lr"])) for o in opts for g in o.param_groups]
     done = [0]
@@ -134,7 +139,11 @@ def make_stepper(cfg: RunConfig, res: Resolved, task: Task) -> tuple[Stepper, to
     def step(batch: tuple[Tensor, ...]) -> float:
         for o in opts:
             o.zero_grad()
-        loss = task.loss(batch)
+        if mc and isinstance(opt, SNOpt) and opt.collecting:
+            loss, sampled = task.loss_and_sampled_loss(batch, labels)
+            opt.collect(sampled)
+        else:
+            loss = task.loss(batch)
         loss.backward()  # type: ignore[no-untyped-call]
         for o in opts:
             o.step()
@@ -265,7 +274,8 @@ def _train(cfg: RunConfig, *, quiet: bool) -> dict[str, Any]:
         "config": cfg.to_dict(),
         "resolved": {"iterations": res.iterations, "batch_size": res.batch_size, "eval_every": res.eval_every,
                      "lr": res.lr, "snopt_eps": res.snopt_eps, "snopt_freq": res.snopt_freq,
-                     "snopt_kl_clip": res.snopt_kl_clip, "schedule": res.schedule,
+                     "snopt_kl_clip": res.snopt_kl_clip, "snopt_fisher": res.snopt_fisher,
+                     "schedule": res.schedule,
                      "target_loss": res.target_loss, "target_metric": res.target_metric, "ode_only": res.ode_only,
                      "lr2": res.lr2, "options": res.options},
         "machine": machine_info(device),

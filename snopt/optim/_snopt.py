@@ -225,6 +225,45 @@ class SNOpt(torch.optim.Optimizer):
         self._set_collecting(self._k % self.update_freq == 0)
         return loss
 
+    @property
+    def collecting(self) -> bool:
+        """Whether the current iteration gathers Kronecker factors (every `update_freq`-th step)."""
+        return any(c.enabled for c in self.collectors)
+
+    def collect(self, loss: Tensor) -> None:
+        """Gather this iteration's factors from the backward pass of `loss`, not the training loss's.
+
+        The default statistics are those of the training loss's own backward pass (the
+        empirical Fisher, as in the paper). Called on a collection iteration (`collecting`)
+        with a loss whose targets are *sampled from the model*, e.g.
+        `snopt.losses.sampled_cross_entropy` of the same logits, the factors estimate the
+        true Fisher, which for cross-entropy is the generalised Gauss-Newton matrix
+        (Martens & Grosse 2015's Monte-Carlo Fisher). `loss` is back-propagated with the
+        graph retained and its gradients are discarded (``.grad`` is untouched); collection
+        is then switched off, so the training loss's ``backward()`` that follows costs what
+        it does on any other iteration. One extra backward (adjoint) solve per `update_freq`
+        steps.
+
+        Args:
+            loss: A scalar sharing the forward graph of this iteration's training loss (a
+                batch mean, like the training loss: the factors assume B·g per-sample cotangents).
+
+        Raises:
+            RuntimeError: If this is not a collection iteration (check `collecting` first).
+            ValueError: If `loss` is not a scalar that depends on the optimised parameters.
+        """
+        if not self.collecting:
+            raise RuntimeError("SNOpt.collect called on an iteration that gathers no factors; call it only "
+                               "when `opt.collecting` is True (every `update_freq`-th step).")
+        if loss.ndim != 0 or not loss.requires_grad:
+            raise ValueError("`loss` must be a scalar tensor that requires grad (a batch-mean loss of this "
+                             f"iteration's forward pass); got shape {tuple(loss.shape)}, "
+                             f"requires_grad={loss.requires_grad}.")
+        params = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
+        with torch.enable_grad():
+            torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+        self._set_collecting(False)
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero the gradients of every parameter (the base optimizer's included)."""
         self.base.zero_grad(set_to_none=set_to_none)
