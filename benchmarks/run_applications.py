@@ -61,9 +61,36 @@ NOTES: dict[str, str] = {
                   "(one or two dopri5 steps each), so time-to-target here is iterations-to-target.",
     "cnf": "600 iterations: at the earlier 150 every optimizer sat on the same early plateau (final NLL 3.787–3.790, "
            "spread 0.005), so \"Adam's final NLL\" was noise. SNOpt runs without the trust region here (`kl_clip` "
-           "1e-3 at lr 0.1 reached 3.66 vs 3.41 without, on the tuning seed).",
+           "1e-3 at lr 0.1 reached 3.66 vs 3.41 without, on the tuning seed) and with damping eps 0.003 (last "
+           "section).",
 }
 TUNING_SEED = 100
+CNF_PROBE = "\n".join([
+    "## CNF: SNOpt's damping and a second tuning seed", "",
+    "On the CNF one tuning seed was not representative (SNOpt's lr 0.03 led Adam on seed 100, 3.41 vs 3.50, and "
+    "trailed it on all three reported seeds in the previous run), so the CNF settings were chosen by the mean final "
+    "test NLL over tuning seeds 100 and 101 (neither a reported seed), by hand with the same runner: SNOpt over "
+    "(lr, eps), since its damping eps had never been tuned, and Adam over its lr grid's interior. Kept: SNOpt lr "
+    "0.01 with eps 0.003, Adam lr 0.03 (Adam's one-seed pick 0.1 is worse on the mean: 3.562 vs 3.512). SNOpt got "
+    "20 runs here, Adam 3 beyond its grid (seed 101).", "",
+    "| optimizer | lr | eps | final test NLL seed 100 | seed 101 | mean |",
+    "|---|---|---|---|---|---|",
+    "| snopt | 0.03 | 0.05 | 3.409 | 3.652 | 3.531 |",
+    "| snopt | 0.01 | 0.05 | 3.725 | 3.707 | 3.716 |",
+    "| snopt | 0.03 | 0.2 | 3.744 | 3.712 | 3.728 |",
+    "| snopt | 0.1 | 0.2 | 3.535 | 3.616 | 3.576 |",
+    "| snopt | 0.03 (update_freq 10) | 0.05 | 3.669 | 3.444 | 3.557 |",
+    "| snopt | 0.03 | 0.01 | 3.355 | 3.405 | 3.380 |",
+    "| snopt | 0.1 | 0.01 | diverged | diverged | — |",
+    "| snopt | 0.01 | 0.01 | 3.497 | 3.659 | 3.578 |",
+    "| snopt | 0.03 | 0.003 | 3.445 | diverged | — |",
+    "| snopt | **0.01** | **0.003** | 3.384 | 3.342 | **3.363** |",
+    "| adam | **0.03** | — | 3.511 | 3.512 | **3.512** |",
+    "| adam | 0.1 | — | 3.504 | 3.620 | 3.562 |",
+    "| adam | 0.3 | — | 3.581 | 3.759 | 3.670 |",
+    "", "The same damping probe on digits (tuning seeds 100, 101; lr 0.03 with eps 0.01, lr 0.01 with eps 0.003, "
+    "with and without the trust region) was worse everywhere than the preset (final accuracy 10–97 %, "
+    "several stiff runs), so the classification presets keep eps 0.05."])
 TARGET_RATIO = 0.5
 
 
@@ -137,7 +164,8 @@ def tuning_section(rows: list[dict[str, Any]]) -> str:
              "CPU time to reach both targets among the runs still at the "
              "accuracy target at the end (classification), or the lowest final test NLL (CNF). Runs stopped as "
              "diverged (non-finite loss, failed solve, or NFE per iteration above 10× the first) are never kept. "
-             "SNOpt's other settings were not grid-tuned: eps 0.05, alpha 0.75 and update_freq 25 are the "
+             "SNOpt's other settings were not grid-tuned (except on the CNF, next section): eps 0.05, alpha 0.75 "
+             "and update_freq 25 are the "
              "paper's kind of values; the trust region `kl_clip` was chosen by hand on the tuning seed of digits "
              "(lr 0.1, seminorm adjoint; CPU s to the loss / accuracy targets, final accuracy): none — diverged; "
              "3e-4: 7.2 / 5.2, 98.3 %; 1e-3: 5.6 / 4.2, 97.2 %; 2e-3: 4.9 / 3.5, 96.7 %; 4e-3: 6.1 / 4.0, 95.8 %; "
@@ -321,7 +349,8 @@ def main(argv: list[str] | None = None) -> int:
         "SNOpt reaches Adam's NLL sooner). NFE = vector-field evaluations per iteration (forward / adjoint "
         "backward, summed over all solves of the iteration).", "",
         "## Targets", "", *summary_lines]
-    text = "\n".join(head + sections + ([tuning] if tuning else [])) + "\n"
+    probe = [CNF_PROBE] if "cnf" in args.tasks else []
+    text = "\n".join(head + sections + ([tuning] if tuning else []) + probe) + "\n"
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / MD.name).write_text(text)
     print(text)
