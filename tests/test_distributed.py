@@ -209,6 +209,27 @@ def _scenario_mismatch(rank: int) -> dict[str, Any]:
     return {"error": None, "local": local}
 
 
+def _scenario_collect(rank: int) -> dict[str, Any]:
+    # Monte-Carlo Fisher under DDP: collect's extra backward (autograd.grad) must not disturb DDP's
+    # gradient all-reduce of the training loss's backward that follows.
+    model = make_model()
+    net = nn.parallel.DistributedDataParallel(model)
+    opt = snopt.SNOpt(net, torch.optim.SGD(net.parameters(), lr=0.1), update_freq=2)
+    gen = torch.Generator().manual_seed(rank)  # each rank draws its own labels
+    collected = []
+    for it in range(4):
+        x, y = batch(300 + it, 2 * B_LOCAL)
+        x, y = x[rank * B_LOCAL:(rank + 1) * B_LOCAL], y[rank * B_LOCAL:(rank + 1) * B_LOCAL]
+        opt.zero_grad()
+        logits = net(x)
+        collected.append(opt.collecting)
+        if opt.collecting:
+            opt.collect(snopt.losses.sampled_cross_entropy(logits, gen))
+        F.cross_entropy(logits, y).backward()
+        opt.step()
+    return {"collected": collected, "params": [p.detach().clone() for p in model.parameters()]}
+
+
 def _scenario_allreduce_mean(rank: int) -> dict[str, Any]:
     ts = [torch.full((3,), float(rank + 1)), torch.full((2, 2), 10.0 * (rank + 1), dtype=torch.float64),
           torch.arange(40, dtype=torch.float32) * (rank + 1)]
@@ -223,7 +244,8 @@ def _worker(out_dir: str) -> None:
     try:
         counter = _CountingCollectives()
         results = {"counts": _scenario_counts(rank, counter), "nonfinite": _scenario_nonfinite(rank),
-                   "mismatch": _scenario_mismatch(rank), "allreduce_mean": _scenario_allreduce_mean(rank)}
+                   "mismatch": _scenario_mismatch(rank), "allreduce_mean": _scenario_allreduce_mean(rank),
+                   "collect": _scenario_collect(rank)}
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -324,3 +346,11 @@ if __name__ == "__main__":
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)  # skip interpreter teardown, which gloo's threads can abort (pytorch/pytorch#190489)
+
+
+def test_mc_fisher_collect_keeps_ranks_identical(two_ranks: list[dict[str, Any]]) -> None:
+    r0, r1 = (r["collect"] for r in two_ranks)
+    assert r0["collected"] == r1["collected"] == [True, False, True, False]
+    for p, q in zip(r0["params"], r1["params"], strict=True):
+        assert torch.isfinite(p).all() and torch.equal(p, q)
+
