@@ -108,4 +108,3 @@ def sampled_cross_entropy(logits: Tensor, generator: torch.Generator | None = No
         probs = torch.softmax(logits.detach().to(torch.float64), dim=-1).cpu()
         labels = torch.multinomial(probs, 1, generator=generator).squeeze(1).to(logits.device)
     return torch.nn.functional.cross_entropy(logits, labels)
-

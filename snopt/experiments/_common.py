@@ -19,9 +19,11 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from snopt.adjoint._observer import SolveStats
+from snopt.losses import sampled_cross_entropy
 from snopt.nn._ode_block import ODEBlock
 
 OptimizerName = Literal["snopt", "adam", "sgd", "newton-cg"]
@@ -273,15 +275,8 @@ class Task(ABC):
     def loss(self, batch: tuple[Tensor, ...]) -> Tensor:
         """The scalar training loss on `batch` (with grad)."""
 
-    def loss_and_sampled_loss(self, batch: tuple[Tensor, ...],
-                              generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        """The training loss and, from the same forward pass, the loss against labels sampled from the model.
-
-        The second is what `SNOpt.collect` takes for Monte-Carlo Fisher factors (``snopt_fisher="mc"``).
-
-        Args:
-            batch: A training batch.
-            generator: Random generator of the sampled labels.
+    def logits_and_labels(self, batch: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
+        """Logits (B, C) and integer labels (B,) of `batch` (classification tasks).
 
         Raises:
             NotImplementedError: For tasks without a categorical likelihood (the CNF).
@@ -289,6 +284,19 @@ class Task(ABC):
         raise NotImplementedError(
             f"snopt_fisher='mc' samples labels from the model's softmax; the {self.name!r} task has none "
             "(use it with digits, fashion or timeseries).")
+
+    def loss_and_sampled_loss(self, batch: tuple[Tensor, ...],
+                              generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """The mean cross-entropy and, from the same forward pass, that against labels sampled from the model.
+
+        The second is what `SNOpt.collect` takes for Monte-Carlo Fisher factors (``snopt_fisher="mc"``).
+
+        Args:
+            batch: A training batch.
+            generator: Random generator of the sampled labels.
+        """
+        logits, labels = self.logits_and_labels(batch)
+        return F.cross_entropy(logits, labels), sampled_cross_entropy(logits, generator)
 
     @abstractmethod
     def evaluate(self) -> dict[str, float]:

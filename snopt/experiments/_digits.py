@@ -18,7 +18,6 @@ from torch import Tensor, nn
 
 from snopt.data import Split, load_digits, load_fashion_mnist
 from snopt.experiments._common import EpochSampler, NewtonProblem, Resolved, RunConfig, Task, TaskDefaults
-from snopt.losses import sampled_cross_entropy
 from snopt.nn._ode_block import ODEBlock
 
 _SOLVER = {"method": "dopri5", "rtol": 1e-3, "atol": 1e-3}
@@ -188,15 +187,12 @@ class ImageTask(Task):
 
     def loss(self, batch: tuple[Tensor, ...]) -> Tensor:
         """Mean cross-entropy of the batch."""
-        x, y = batch
-        return F.cross_entropy(self.model(x), y)
+        return F.cross_entropy(*self.logits_and_labels(batch))
 
-    def loss_and_sampled_loss(self, batch: tuple[Tensor, ...],
-                              generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        """Mean cross-entropy of the batch and against labels drawn from the model's softmax (one forward)."""
+    def logits_and_labels(self, batch: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
+        """Logits and labels of the batch."""
         x, y = batch
-        logits = self.model(x)
-        return F.cross_entropy(logits, y), sampled_cross_entropy(logits, generator)
+        return self.model(x), y
 
     @torch.no_grad()
     def _loss_acc(self, x: Tensor, y: Tensor, chunk: int = 1000) -> tuple[float, float]:

@@ -127,8 +127,8 @@ def make_stepper(cfg: RunConfig, res: Resolved, task: Task) -> tuple[Stepper, to
         base = torch.optim.SGD(params, lr=res.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         opt = SNOpt(model, base, eps=res.snopt_eps, update_freq=res.snopt_freq, alpha=cfg.snopt_alpha,
                     full_precond=not res.ode_only, kl_clip=res.snopt_kl_clip)
-    mc = isinstance(opt, SNOpt) and res.snopt_fisher == "mc"
-    if mc and task.metric != "accuracy":
+    mc = opt if isinstance(opt, SNOpt) and res.snopt_fisher == "mc" else None  # Monte-Carlo Fisher statistics
+    if mc is not None and task.metric != "accuracy":
         raise ValueError(f"snopt_fisher='mc' needs a classification task (labels sampled from the softmax); "
                          f"{cfg.task!r} has metric {task.metric!r}.")
     labels = torch.Generator().manual_seed(cfg.seed + 991)  # the sampled labels' own stream
@@ -139,9 +139,9 @@ def make_stepper(cfg: RunConfig, res: Resolved, task: Task) -> tuple[Stepper, to
     def step(batch: tuple[Tensor, ...]) -> float:
         for o in opts:
             o.zero_grad()
-        if mc and isinstance(opt, SNOpt) and opt.collecting:
+        if mc is not None and mc.collecting:
             loss, sampled = task.loss_and_sampled_loss(batch, labels)
-            opt.collect(sampled)
+            mc.collect(sampled)
         else:
             loss = task.loss(batch)
         loss.backward()  # type: ignore[no-untyped-call]

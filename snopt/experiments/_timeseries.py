@@ -24,7 +24,6 @@ from snopt.adjoint._observer import SolveStats
 from snopt.adjoint._odeint import odeint
 from snopt.data import SequenceSplit, load_uea
 from snopt.experiments._common import EpochSampler, Resolved, RunConfig, Task, TaskDefaults
-from snopt.losses import sampled_cross_entropy
 from snopt.nn._ode_block import ODEBlock
 
 UEA_DATASETS = ("JapaneseVowels", "BasicMotions")
@@ -217,15 +216,12 @@ class TimeSeriesTask(Task):
 
     def loss(self, batch: tuple[Tensor, ...]) -> Tensor:
         """Mean cross-entropy of the batch."""
-        x, lengths, y = batch
-        return F.cross_entropy(self.model(x, lengths), y)
+        return F.cross_entropy(*self.logits_and_labels(batch))
 
-    def loss_and_sampled_loss(self, batch: tuple[Tensor, ...],
-                              generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        """Mean cross-entropy of the batch and against labels drawn from the model's softmax (one forward)."""
+    def logits_and_labels(self, batch: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
+        """Logits and labels of the batch."""
         x, lengths, y = batch
-        logits = self.model(x, lengths)
-        return F.cross_entropy(logits, y), sampled_cross_entropy(logits, generator)
+        return self.model(x, lengths), y
 
     @torch.no_grad()
     def _loss_acc(self, x: Tensor, lengths: Tensor, y: Tensor, chunk: int = 512) -> tuple[float, float]:
