@@ -1,0 +1,120 @@
+"""The applications benchmark's tuning protocol (benchmarks/run_applications.py) and its record.
+
+The protocol is tested on a synthetic landscape (no training); the committed tuning rows are
+checked against the presets of `snopt.experiments`, so the README's commands train exactly the
+settings the committed benchmark table measured.
+"""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+from snopt.experiments._runner import task_defaults
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bench() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("run_applications", ROOT / "benchmarks" / "run_applications.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["run_applications"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _row(opt: str, lr: float, eps: float | None, seed: int, *, tl: float | None, tm: float | None,
+         final: float = 0.97, diverged: bool = False) -> dict[str, Any]:
+    return {"task": "digits", "optimizer": opt, "lr": lr, "eps": eps, "seed": seed, "metric": "accuracy",
+            "diverged": diverged, "final_test_metric": final, "target_metric": 0.95,
+            "cpu_time_to_target_loss": tl, "cpu_time_to_target_metric": tm, "train_cpu_time": 20.0}
+
+
+def test_scores(bench: ModuleType) -> None:
+    assert bench.seed_value(_row("adam", 0.01, None, 0, tl=3.0, tm=2.0)) == 5.0
+    assert bench.seed_value(_row("adam", 0.01, None, 0, tl=None, tm=2.0)) == 22.0  # a miss costs the whole run
+    assert bench.seed_value({"metric": "nll", "final_test_metric": 3.4}) == 3.4
+    ok = [_row("adam", 0.01, None, 0, tl=3.0, tm=2.0), _row("adam", 0.01, None, 1, tl=4.0, tm=3.0, final=0.94)]
+    assert bench.setting_score(ok) == (0, 6.0)  # mean final 95.5 % is at the target despite one seed at 94 %
+    low = [_row("adam", 0.01, None, 0, tl=1.0, tm=1.0, final=0.5), _row("adam", 0.01, None, 1, tl=1.0, tm=1.0)]
+    assert bench.setting_score(low) == (1, 2.0)  # reached both targets fast, then fell far below on average
+    assert bench.setting_score(ok + [_row("adam", 0.01, None, 2, tl=1.0, tm=1.0, diverged=True)])[0] == 2
+    nan = [{"metric": "nll", "final_test_metric": float("nan")}]
+    assert bench.setting_score(nan)[0] == 2
+
+
+def test_best_settings_uses_every_seed(bench: ModuleType) -> None:
+    rows = [
+        # fastest on seed 0 but diverged on seed 1: never kept
+        _row("snopt", 0.3, 0.01, 0, tl=1.0, tm=1.0), _row("snopt", 0.3, 0.01, 1, tl=None, tm=None, diverged=True),
+        # slower on seed 0, faster on seed 1: the mean decides (6 vs 7)
+        _row("snopt", 0.1, 0.01, 0, tl=4.0, tm=4.0), _row("snopt", 0.1, 0.01, 1, tl=2.0, tm=2.0),
+        _row("snopt", 0.1, 0.03, 0, tl=3.0, tm=3.0), _row("snopt", 0.1, 0.03, 1, tl=4.0, tm=4.0),
+        _row("adam", 0.01, None, 0, tl=5.0, tm=5.0), _row("adam", 0.01, None, 1, tl=5.0, tm=5.0),
+    ]
+    assert bench.best_settings(rows) == {"snopt": ("snopt", 0.1, 0.01), "adam": ("adam", 0.01, None)}
+    # fast on average but ending far below the accuracy target: loses to a slower setting that keeps it
+    rows2 = rows + [_row("adam", 0.03, None, 0, tl=0.5, tm=0.5, final=0.6), _row("adam", 0.03, None, 1, tl=0.5,
+                                                                                 tm=0.5, final=0.7)]
+    assert bench.best_settings(rows2)["adam"] == ("adam", 0.01, None)
+
+
+def test_ladder(bench: ModuleType) -> None:
+    assert bench._rung(0.1, 1) == 0.3 and bench._rung(0.3, 1) == 1.0 and bench._rung(0.003, -1) == 0.001
+    assert bench._rung(0.05, 1) is None  # off the ladder: no extension
+
+
+def test_tune_extends_while_the_best_is_at_an_end(bench: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Adam's landscape improves without end as lr grows; SNOpt's optimum is inside in lr, below the eps grid."""
+    calls: list[tuple[Any, ...]] = []
+
+    def fake(task: str, setting: tuple[str, float, float | None], seed: int, iterations: int | None
+             ) -> dict[str, Any]:
+        name, lr, eps = setting
+        calls.append((name, lr, eps, seed))
+        if name == "adam":
+            t = 10.0 / lr ** 0.1
+        elif name == "snopt":
+            assert eps is not None
+            t = 5.0 + abs(lr - 0.1) + eps
+        else:
+            t = 9.0 + abs(lr - 0.1)
+        return _row(name, lr, eps, seed, tl=t, tm=t)
+
+    monkeypatch.setattr(bench, "_tuning_run", fake)
+    rows = bench.tune("digits", None, 2, echo=False)
+    keys = {(r["optimizer"], r["lr"], r["eps"]) for r in rows}
+    assert len(rows) == len(calls) == 2 * len(keys)  # every setting on both tuning seeds, once
+    assert {r["seed"] for r in rows} == set(bench.TUNING_SEEDS)
+    adam = sorted(lr for o, lr, _ in keys if o == "adam")
+    assert adam == [0.003, 0.01, 0.03, 0.1, 0.3]  # two rungs up, then the extension budget is spent
+    snopt_eps = sorted({e for o, _, e in keys if o == "snopt"})
+    assert snopt_eps == [0.0003, 0.001, 0.003, 0.01, 0.03, 0.1]  # eps extended down twice at the best lr
+    assert {lr for o, lr, e in keys if o == "snopt" and e == 0.0003} == {0.1}
+    assert sorted(lr for o, lr, _ in keys if o == "sgd") == [0.03, 0.1, 0.3]  # best inside: no extension
+    assert bench.best_settings(rows) == {"snopt": ("snopt", 0.1, 0.0003), "adam": ("adam", 0.3, None),
+                                         "sgd": ("sgd", 0.1, None)}
+    text = bench.tuning_section(rows)
+    assert text.count("**kept**") == 3 and "| digits | adam | 0.3 |" in text
+
+
+def test_committed_tuning_selects_the_presets(bench: ModuleType) -> None:
+    """The benchmark table was measured with the tuned settings; the presets must be the same settings."""
+    rows = json.loads(bench.TUNING_JSON.read_text())
+    tasks = dict.fromkeys(r["task"] for r in rows)
+    assert set(tasks) == set(bench.TASKS)
+    for task in tasks:
+        kept = bench.best_settings([r for r in rows if r["task"] == task])
+        defaults = task_defaults(bench.TASKS[task])
+        for name, (_, lr, eps) in kept.items():
+            assert defaults.lr[name] == pytest.approx(lr), (task, name)
+            if name == "snopt":
+                assert defaults.snopt_eps == pytest.approx(eps), task
+        seeds = {int(r["seed"]) for r in rows if r["task"] == task}
+        assert seeds == set(bench.TUNING_SEEDS) and not seeds & {0, 1, 2}  # tuning seeds are never reported
