@@ -100,23 +100,27 @@ def seed_value(s: dict[str, Any]) -> float:
     return (total if tl is None else float(tl)) + (total if tm is None else float(tm))
 
 
-def setting_score(rows: list[dict[str, Any]]) -> tuple[int, float]:
-    """A setting's (tier, cost) over its tuning seeds; smaller is better.
+def setting_score(rows: list[dict[str, Any]]) -> tuple[int, int, float]:
+    """A setting's (tier, misses, cost) over its tuning seeds; smaller is better, in that order.
 
     Tier 2: diverged or failed on some seed (never kept). Classification: tier 0 when the mean
-    final test accuracy over the seeds is at the accuracy target, else tier 1 (fast but not kept
-    up: a run that reached the target and fell far below it); cost: the mean `seed_value`.
-    CNF: tier 0 (tier 2 for a non-finite NLL), cost: the mean final test NLL.
+    final test accuracy over the seeds is at the accuracy target, else tier 1 (it did not keep the
+    accuracy: slow, or reached the target and fell far below it); misses: the (seed, target) pairs
+    never reached, so a setting that misses a target never beats one that reaches it, however
+    short its runs; cost: the mean `seed_value`. CNF: tier 0 (tier 2 for a non-finite NLL), no
+    misses, cost: the mean final test NLL.
     """
     if any(r.get("error") or r.get("diverged") for r in rows):
-        return (2, math.inf)
+        return (2, 0, math.inf)
     cost = statistics.fmean(seed_value(r) for r in rows)
     if not math.isfinite(cost):
-        return (2, math.inf)
+        return (2, 0, math.inf)
     if rows[0]["metric"] == "nll":
-        return (0, cost)
+        return (0, 0, cost)
+    misses = sum((r.get("cpu_time_to_target_loss") is None) + (r.get("cpu_time_to_target_metric") is None)
+                 for r in rows)
     final = statistics.fmean(float(r["final_test_metric"] or 0.0) for r in rows)
-    return (0 if final >= float(rows[0]["target_metric"]) else 1, cost)
+    return (0 if final >= float(rows[0]["target_metric"]) else 1, misses, cost)
 
 
 def _key(r: dict[str, Any]) -> Setting:
@@ -225,7 +229,8 @@ def tuning_section(rows: list[dict[str, Any]]) -> str:
              f"(at most {MAX_EXTEND} per axis). Kept per optimizer — classification: the smallest score = mean "
              "over the seeds of (CPU s to the train-loss target + CPU s to the test-accuracy target), a missed "
              "target counting as the run's whole training time, among the settings whose mean final test accuracy "
-             "is at the accuracy target (a setting below it is kept only if none is at it); CNF: the lowest mean "
+             "is at the accuracy target (a setting below it is kept only if none is at it) and, among those, the "
+             "fewest missed targets (so a short run that misses never beats one that reaches); CNF: the lowest mean "
              "final test NLL. A setting that diverged on any "
              "seed (non-finite loss, failed solve, or NFE per iteration above 10× the first) is never kept. "
              "SNOpt's trust region `kl_clip` (digits 1e-3, time series 3e-3, CNF off) and update_freq 25 are "
@@ -251,9 +256,10 @@ def tuning_section(rows: list[dict[str, Any]]) -> str:
                     return fin
                 t = [r.get("cpu_time_to_target_loss"), r.get("cpu_time_to_target_metric")]
                 return " / ".join("—" if v is None else f"{v:.1f}" for v in t) + f", {fin}"
-            tier, val = setting_score(list(by[k].values()))
+            tier, misses, val = setting_score(list(by[k].values()))
             score = ("diverged" if tier == 2 else f"{val:.3f}" if task == "cnf" else
-                     f"{val:.1f} s" + ("" if tier == 0 else " (mean final below target)"))
+                     f"{val:.1f} s" + (f", {misses} missed" if misses else "")
+                     + ("" if tier == 0 else ", mean final below target"))
             lines.append(f"| {task} | {k[0]} | {k[1]:g} | {'' if k[2] is None else f'{k[2]:g}'} | "
                          + " | ".join(cell(by[k].get(s)) for s in seeds)
                          + f" | {score} | {'**kept**' if k in kept else ''} |")

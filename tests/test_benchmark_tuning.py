@@ -41,10 +41,15 @@ def test_scores(bench: ModuleType) -> None:
     assert bench.seed_value(_row("adam", 0.01, None, 0, tl=None, tm=2.0)) == 22.0  # a miss costs the whole run
     assert bench.seed_value({"metric": "nll", "final_test_metric": 3.4}) == 3.4
     ok = [_row("adam", 0.01, None, 0, tl=3.0, tm=2.0), _row("adam", 0.01, None, 1, tl=4.0, tm=3.0, final=0.94)]
-    assert bench.setting_score(ok) == (0, 6.0)  # mean final 95.5 % is at the target despite one seed at 94 %
+    assert bench.setting_score(ok) == (0, 0, 6.0)  # mean final 95.5 % is at the target despite one seed at 94 %
     low = [_row("adam", 0.01, None, 0, tl=1.0, tm=1.0, final=0.5), _row("adam", 0.01, None, 1, tl=1.0, tm=1.0)]
-    assert bench.setting_score(low) == (1, 2.0)  # reached both targets fast, then fell far below on average
+    assert bench.setting_score(low) == (1, 0, 2.0)  # reached both targets fast, then fell far below on average
     assert bench.setting_score(ok + [_row("adam", 0.01, None, 2, tl=1.0, tm=1.0, diverged=True)])[0] == 2
+    # a short run missing its targets (each miss costs only its own short run) never beats one reaching them
+    slow = [_row("sgd", 0.03, None, s, tl=8.0, tm=9.0) for s in (0, 1)]
+    short = [{**_row("sgd", 0.01, None, s, tl=None, tm=None), "train_cpu_time": 5.0} for s in (0, 1)]
+    assert bench.setting_score(short) == (0, 4, 10.0) and bench.setting_score(slow) == (0, 0, 17.0)
+    assert bench.best_settings(slow + short)["sgd"] == ("sgd", 0.03, None)
     nan = [{"metric": "nll", "final_test_metric": float("nan")}]
     assert bench.setting_score(nan)[0] == 2
 
@@ -118,3 +123,25 @@ def test_committed_tuning_selects_the_presets(bench: ModuleType) -> None:
                 assert defaults.snopt_eps == pytest.approx(eps), task
         seeds = {int(r["seed"]) for r in rows if r["task"] == task}
         assert seeds == set(bench.TUNING_SEEDS) and not seeds & {0, 1, 2}  # tuning seeds are never reported
+
+
+def test_tune_resumes_from_saved_rows(bench: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An interrupted tuning reuses its saved runs and saves as it goes; the result equals an uninterrupted one."""
+    calls: list[tuple[str, float, float | None, int]] = []
+
+    def fake(task: str, setting: tuple[str, float, float | None], seed: int, iterations: int | None
+             ) -> dict[str, Any]:
+        calls.append((*setting, seed))
+        t = 5.0 + abs(setting[1] - 0.1) + (setting[2] or 0.0) + 0.1 * seed
+        return _row(setting[0], setting[1], setting[2], seed, tl=t, tm=t)
+
+    monkeypatch.setattr(bench, "_tuning_run", fake)
+    saved: list[list[dict[str, Any]]] = []
+    full = bench.tune("digits", None, 1, echo=False, save=lambda rows: saved.append(list(rows)))
+    n = len(calls)
+    assert saved and saved[-1] == full
+    partial = saved[len(saved) // 2]
+    calls.clear()
+    again = bench.tune("digits", None, 1, echo=False, done=partial)
+    assert again == full
+    assert len(calls) == n - len(partial)  # only the runs not saved before are run
