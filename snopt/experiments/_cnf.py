@@ -65,8 +65,8 @@ def cnf_defaults(dataset: str, preset: str) -> TaskDefaults:
                      "divergence": "hutchinson"})
     if dataset in TOY_NAMES:
         return TaskDefaults(
-            iterations=600, batch_size=256, eval_every=20, lr={"adam": 0.03, "sgd": 0.1, "snopt": 0.01},
-            target_loss=target_loss, target_metric=target_metric, snopt_eps=0.003, snopt_freq=25, options=options)
+            iterations=600, batch_size=256, eval_every=20, lr={"adam": 0.03, "sgd": 0.3, "snopt": 0.01},  # --tune
+            target_loss=target_loss, target_metric=target_metric, snopt_eps=0.001, snopt_freq=25, options=options)
     return TaskDefaults(
         iterations=150, batch_size=128, eval_every=10, lr={"adam": 0.01, "sgd": 0.05, "snopt": 0.05},
         target_loss=target_loss, target_metric=target_metric, snopt_eps=0.05, snopt_freq=25,
