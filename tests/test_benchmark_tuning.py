@@ -95,7 +95,7 @@ def test_tune_extends_while_the_best_is_at_an_end(bench: ModuleType, monkeypatch
     monkeypatch.setattr(bench, "_tuning_run", fake)
     rows = bench.tune("digits", None, 2, echo=False)
     keys = {(r["optimizer"], r["lr"], r["eps"]) for r in rows}
-    assert len(rows) == len(calls) == 2 * len(keys)  # every setting on both tuning seeds, once
+    assert len(rows) == len(calls) == len(bench.TUNING_SEEDS) * len(keys)  # every setting on every tuning seed, once
     assert {r["seed"] for r in rows} == set(bench.TUNING_SEEDS)
     adam = sorted(lr for o, lr, _ in keys if o == "adam")
     assert adam == [0.003, 0.01, 0.03, 0.1, 0.3]  # two rungs up, then the extension budget is spent
