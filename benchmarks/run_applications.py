@@ -355,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tasks", nargs="+", choices=tuple(TASKS), default=list(TASKS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--tune", action="store_true",
-                   help=f"rerun the tuning grids first (about 40 min) and rewrite {TUNING_JSON.name}")
+                   help=f"rerun the tuning grids first (about 80 min on 2 cores) and rewrite {TUNING_JSON.name}")
     p.add_argument("--tune-only", action="store_true", help="tune, write the tuning rows, skip the benchmark")
     p.add_argument("--jobs", type=int, default=2, help="tuning runs at a time (default 2)")
     p.add_argument("--resume", action="store_true", help="reuse the runs of an interrupted --tune in --out")
