@@ -1,7 +1,7 @@
 """SNOpt vs Adam vs SGD on the paper's three applications, multi-seed, on this machine's CPU.
 
     python benchmarks/run_applications.py                      # the committed table: 3 tasks x 3 optimizers x 3 seeds
-    python benchmarks/run_applications.py --tune               # first rerun the tuning grids (two tuning seeds)
+    python benchmarks/run_applications.py --tune               # first rerun the tuning grids (three tuning seeds)
     python benchmarks/run_applications.py --tasks digits --seeds 0 1 --quick --out /tmp/x   # a smaller check
 
 Writes benchmarks/results/applications_cpu.md (tables: mean ± std over seeds, SNOpt's
