@@ -12,7 +12,7 @@ load hits every optimizer alike; torch uses one thread. Both wall-clock and proc
 are recorded: on a shared machine the CPU-time ratios are the steadier of the two.
 
 Settings: every optimizer's learning rate (and SNOpt's damping eps) comes from one protocol,
-`tune`, run on two tuning seeds that are not reported (see `tuning_section` for the grids and
+`tune`, run on three tuning seeds that are not reported (see `tuning_section` for the grids and
 the criterion). Its rows are committed in benchmarks/results/applications_tuning_cpu.json; the
 benchmark uses the settings they select, and tests/test_benchmark_tuning.py checks that the
 presets of `snopt.experiments` are those settings, so the README's commands train what this
