@@ -341,16 +341,15 @@ def test_allreduce_mean_across_ranks(two_ranks: list[dict[str, Any]]) -> None:
         assert res["allreduce_mean"]["calls"] == 3  # float32: 12 B, then 160 B alone; float64: one
 
 
-if __name__ == "__main__":
-    _worker(sys.argv[1])
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)  # skip interpreter teardown, which gloo's threads can abort (pytorch/pytorch#190489)
-
-
 def test_mc_fisher_collect_keeps_ranks_identical(two_ranks: list[dict[str, Any]]) -> None:
     r0, r1 = (r["collect"] for r in two_ranks)
     assert r0["collected"] == r1["collected"] == [True, False, True, False]
     for p, q in zip(r0["params"], r1["params"], strict=True):
         assert torch.isfinite(p).all() and torch.equal(p, q)
 
+
+if __name__ == "__main__":
+    _worker(sys.argv[1])
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # skip interpreter teardown, which gloo's threads can abort (pytorch/pytorch#190489)

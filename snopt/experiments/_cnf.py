@@ -34,10 +34,10 @@ def cnf_defaults(dataset: str, preset: str) -> TaskDefaults:
 
     ``paper``: width 64, Hutchinson trace, rtol 1e-6 / atol 1e-8 (the paper's CNF settings),
     Adam 1e-3. ``fast``: small widths and rtol = atol = 1e-3 for training; learning rates the
-    best of a small grid per optimizer on ``circles``, Adam's and SNOpt's (with SNOpt's damping
-    eps: 0.003, against 0.05 elsewhere) by the mean final NLL over two tuning seeds
-    (``benchmarks/results/applications_cpu.md``; the other toys reuse them and the tables use
-    0.01 / 0.05 / 0.05, all untuned). The NLL
+    settings ``benchmarks/run_applications.py --tune`` keeps on ``circles`` by the mean final NLL
+    over three tuning seeds, SNOpt's damping eps included (0.001, against 0.05 elsewhere; tables
+    in ``benchmarks/results/applications_cpu.md``); the other toys reuse them and the tables use
+    0.01 / 0.05 / 0.05, all untuned. The NLL
     targets are only defaults for time-to-target; the benchmark uses Adam's final NLL.
 
     Args:

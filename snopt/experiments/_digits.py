@@ -26,8 +26,10 @@ _SOLVER = {"method": "dopri5", "rtol": 1e-3, "atol": 1e-3}
 def image_defaults(dataset: str, preset: str) -> TaskDefaults:
     """Defaults of the image tasks.
 
-    The ``fast`` learning rates are the best of a small grid per optimizer on digits (see
-    ``benchmarks/results/applications_cpu.md``; Fashion-MNIST reuses them, untuned), SNOpt with
+    The ``fast`` digits learning rates and SNOpt's damping eps are what
+    ``benchmarks/run_applications.py --tune`` keeps (three tuning seeds; tables in
+    ``benchmarks/results/applications_cpu.md``); Fashion-MNIST keeps the earlier one-seed digits
+    choice (SNOpt 0.1 with eps 0.05, Adam 0.01, SGD 0.1), untuned on its own. SNOpt runs with
     the trust region `kl_clip` = 1e-3, and the adjoint's error norm is the seminorm (the parameter
     adjoint left out of step-size control: the mixed norm made SNOpt's backward solves 2–4× longer
     as training went on); ``paper``

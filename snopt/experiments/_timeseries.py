@@ -35,10 +35,11 @@ def timeseries_defaults(dataset: str, preset: str) -> TaskDefaults:
     ``paper`` follows the authors' scripts (hidden 32, batch 128, the compared optimizer on the
     ODE parameters only — Adam 1e-3, SGD 3e-3, SNOpt on SGD 3e-3 with eps 0.05 and update_freq
     100 — and Adam 3e-3 on the GRU and the head, seminorm error control); ``fast`` trains the
-    whole model with each optimizer at learning rates tuned on JapaneseVowels (a grid per
-    optimizer, then SNOpt's damping eps = 0.02 by two tuning seeds, see
-    ``benchmarks/results/applications_cpu.md``; BasicMotions reuses them, untuned, and
-    subsamples its 100 steps to 25).
+    whole model with each optimizer; on JapaneseVowels the learning rates and SNOpt's damping
+    eps are what ``benchmarks/run_applications.py --tune`` keeps (three tuning seeds; tables in
+    ``benchmarks/results/applications_cpu.md``). BasicMotions is hand-set (the earlier
+    JapaneseVowels choice: Adam 0.03, SGD 0.3, SNOpt 0.3 with eps 0.02), untuned on its own, and
+    subsamples its 100 steps to 25.
 
     Args:
         dataset: ``"JapaneseVowels"`` or ``"BasicMotions"``.
