@@ -124,11 +124,16 @@ def _key(r: dict[str, Any]) -> Setting:
     return (r["optimizer"], float(r["lr"]), None if r.get("eps") is None else float(r["eps"]))
 
 
-def best_settings(rows: list[dict[str, Any]]) -> dict[str, Setting]:
-    """The kept setting per optimizer among tuning rows (one row per setting and seed) of one task."""
+def _by_setting(rows: list[dict[str, Any]]) -> dict[Setting, list[dict[str, Any]]]:
     by: dict[Setting, list[dict[str, Any]]] = {}
     for r in rows:
         by.setdefault(_key(r), []).append(r)
+    return by
+
+
+def best_settings(rows: list[dict[str, Any]]) -> dict[str, Setting]:
+    """The kept setting per optimizer among tuning rows (one row per setting and seed) of one task."""
+    by = _by_setting(rows)
     out: dict[str, Setting] = {}
     for name in dict.fromkeys(k[0] for k in by):
         keys = [k for k in by if k[0] == name]
@@ -238,9 +243,7 @@ def tuning_section(rows: list[dict[str, Any]]) -> str:
     for task in dict.fromkeys(r["task"] for r in rows):
         group = [r for r in rows if r["task"] == task]
         kept = set(best_settings(group).values())
-        by: dict[Setting, dict[int, dict[str, Any]]] = {}
-        for r in group:
-            by.setdefault(_key(r), {})[int(r["seed"])] = r
+        by = _by_setting(group)
         for k in sorted(by, key=lambda k: (list(LR_GRIDS[task]).index(k[0]), k[2] or 0.0, k[1])):
             def cell(r: dict[str, Any] | None) -> str:
                 if r is None:
@@ -253,12 +256,13 @@ def tuning_section(rows: list[dict[str, Any]]) -> str:
                     return fin
                 t = [r.get("cpu_time_to_target_loss"), r.get("cpu_time_to_target_metric")]
                 return " / ".join("—" if v is None else f"{v:.1f}" for v in t) + f", {fin}"
-            tier, misses, val = setting_score(list(by[k].values()))
+            tier, misses, val = setting_score(by[k])
+            per_seed = {int(r["seed"]): r for r in by[k]}
             score = ("diverged" if tier == 2 else f"{val:.3f}" if task == "cnf" else
                      f"{val:.1f} s" + (f", {misses} missed" if misses else "")
                      + ("" if tier == 0 else ", mean final below target"))
             lines.append(f"| {task} | {k[0]} | {k[1]:g} | {'' if k[2] is None else f'{k[2]:g}'} | "
-                         + " | ".join(cell(by[k].get(s)) for s in seeds)
+                         + " | ".join(cell(per_seed.get(s)) for s in seeds)
                          + f" | {score} | {'**kept**' if k in kept else ''} |")
     n = {name: sum(1 for r in rows if r["optimizer"] == name) for name in OPTIMIZERS}
     lines += ["", "Runs per optimizer (all tasks): " + ", ".join(f"{k} {v}" for k, v in n.items()) + "."]
