@@ -46,6 +46,14 @@ BASE = RunConfig(task="fashion", threads=1, iterations=1000, eval_every=100, tar
                  options={"subset": None, "test_subset": None})
 
 
+def benchmark_configs(rows: list[dict[str, Any]], seeds: list[int]) -> list[RunConfig]:
+    """The full-data runs: every optimizer with the setting its tuning rows keep, interleaved seed-major."""
+    kept = best_settings(rows)
+    base = replace(BASE, snopt_eps=kept["snopt"][2])
+    return [replace(base, optimizer=name, lr=kept[name][1], seed=seed)  # type: ignore[arg-type]
+            for seed in seeds for name in OPTIMIZERS]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
@@ -77,10 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not mine:
         raise SystemExit(f"no Fashion-MNIST tuning rows in {TUNING_JSON}: run with --tune first")
-    kept = best_settings(mine)
-    base = replace(BASE, snopt_eps=kept["snopt"][2])
-    cfgs = [replace(base, optimizer=name, lr=kept[name][1], seed=seed)  # type: ignore[arg-type]
-            for seed in args.seeds for name in OPTIMIZERS]
+    cfgs = benchmark_configs(mine, args.seeds)
 
     def one(cfg: RunConfig) -> dict[str, Any]:
         r = run(cfg, isolate=True)

@@ -41,15 +41,20 @@ def test_scores(bench: ModuleType) -> None:
     assert bench.seed_value(_row("adam", 0.01, None, 0, tl=None, tm=2.0)) == 22.0  # a miss costs the whole run
     assert bench.seed_value({"metric": "nll", "final_test_metric": 3.4}) == 3.4
     ok = [_row("adam", 0.01, None, 0, tl=3.0, tm=2.0), _row("adam", 0.01, None, 1, tl=4.0, tm=3.0, final=0.94)]
-    assert bench.setting_score(ok) == (0, 0, 6.0)  # mean final 95.5 % is at the target despite one seed at 94 %
+    assert bench.setting_score(ok) == (0, 0, 0.0, 6.0)  # mean final 95.5 % is at the target despite one seed at 94 %
     low = [_row("adam", 0.01, None, 0, tl=1.0, tm=1.0, final=0.5), _row("adam", 0.01, None, 1, tl=1.0, tm=1.0)]
-    assert bench.setting_score(low) == (1, 0, 2.0)  # reached both targets fast, then fell far below on average
+    assert bench.setting_score(low) == (1, 0, 0.0, 2.0)  # reached both targets fast, then fell far below on average
     assert bench.setting_score(ok + [_row("adam", 0.01, None, 2, tl=1.0, tm=1.0, diverged=True)])[0] == 2
     # a short run missing its targets (each miss costs only its own short run) never beats one reaching them
     slow = [_row("sgd", 0.03, None, s, tl=8.0, tm=9.0) for s in (0, 1)]
     short = [{**_row("sgd", 0.01, None, s, tl=None, tm=None), "train_cpu_time": 5.0} for s in (0, 1)]
-    assert bench.setting_score(short) == (0, 4, 10.0) and bench.setting_score(slow) == (0, 0, 17.0)
+    assert bench.setting_score(short) == (0, 4, -0.97, 10.0) and bench.setting_score(slow) == (0, 0, 0.0, 17.0)
     assert bench.best_settings(slow + short)["sgd"] == ("sgd", 0.03, None)
+    # among settings that miss every target, the one ending closer to it wins, not the one with cheaper runs
+    cheap = [{**_row("sgd", 0.01, None, s, tl=None, tm=None, final=0.73), "train_cpu_time": 50.0} for s in (0, 1)]
+    close = [{**_row("sgd", 0.03, None, s, tl=None, tm=None, final=0.77), "train_cpu_time": 60.0} for s in (0, 1)]
+    assert bench.setting_score(cheap)[:2] == bench.setting_score(close)[:2] == (1, 4)
+    assert bench.best_settings(cheap + close)["sgd"] == ("sgd", 0.03, None)
     nan = [{"metric": "nll", "final_test_metric": float("nan")}]
     assert bench.setting_score(nan)[0] == 2
 
@@ -113,10 +118,10 @@ def test_committed_tuning_selects_the_presets(bench: ModuleType) -> None:
     """The benchmark table was measured with the tuned settings; the presets must be the same settings."""
     rows = json.loads(bench.TUNING_JSON.read_text())
     tasks = dict.fromkeys(r["task"] for r in rows)
-    assert set(tasks) == set(bench.TASKS)
+    assert set(tasks) == set(bench.TUNING_TASKS)  # the three tasks and Fashion-MNIST (benchmarks/run_fashion.py)
     for task in tasks:
         kept = bench.best_settings([r for r in rows if r["task"] == task])
-        defaults = task_defaults(bench.TASKS[task])
+        defaults = task_defaults(bench.TUNING_TASKS[task])
         for name, (_, lr, eps) in kept.items():
             assert defaults.lr[name] == pytest.approx(lr), (task, name)
             if name == "snopt":
@@ -145,3 +150,19 @@ def test_tune_resumes_from_saved_rows(bench: ModuleType, monkeypatch: pytest.Mon
     again = bench.tune("digits", None, 1, echo=False, done=partial)
     assert again == full
     assert len(calls) == n - len(partial)  # only the runs not saved before are run
+
+
+def test_fashion_benchmark_trains_the_kept_settings(bench: ModuleType) -> None:
+    """run_fashion.py's full-data runs use the settings its tuning rows keep (the fast preset's, 10k subset)."""
+    spec = importlib.util.spec_from_file_location("run_fashion", ROOT / "benchmarks" / "run_fashion.py")
+    assert spec is not None and spec.loader is not None
+    fashion = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fashion)
+    rows = [{**_row(o, lr, eps, s, tl=t, tm=t), "task": "fashion"} for s in (100, 101)
+            for o, lr, eps, t in (("snopt", 0.3, 0.03, 4.0), ("snopt", 0.3, 0.1, 5.0), ("snopt", 1.0, 0.03, 6.0),
+                                  ("adam", 0.003, None, 7.0), ("adam", 0.01, None, 8.0), ("sgd", 0.03, None, 9.0))]
+    cfgs = fashion.benchmark_configs(rows, [0, 1])
+    assert [(c.seed, c.optimizer, c.lr) for c in cfgs] == [
+        (0, "snopt", 0.3), (0, "adam", 0.003), (0, "sgd", 0.03), (1, "snopt", 0.3), (1, "adam", 0.003),
+        (1, "sgd", 0.03)]
+    assert all(c.snopt_eps == 0.03 and c.task == "fashion" and c.options["subset"] is None for c in cfgs)
