@@ -280,7 +280,7 @@ def tuning_section(rows: list[dict[str, Any]], command: str = "python benchmarks
                          + " | ".join(cell(per_seed.get(s)) for s in seeds)
                          + f" | {score} | {'**kept**' if k in kept else ''} |")
     n = {name: sum(1 for r in rows if r["optimizer"] == name) for name in OPTIMIZERS}
-    lines += ["", "Runs per optimizer (all tasks): " + ", ".join(f"{k} {v}" for k, v in n.items()) + "."]
+    lines += ["", "Runs per optimizer (the tasks above): " + ", ".join(f"{k} {v}" for k, v in n.items()) + "."]
     return "\n".join(lines)
 
 

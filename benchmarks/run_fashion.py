@@ -1,7 +1,7 @@
 """SNOpt vs Adam vs SGD on the full Fashion-MNIST (60k train / 10k test, 28×28), on this machine's CPU.
 
     python benchmarks/run_fashion.py                 # the committed table (3 seeds, 2 runs at a time)
-    python benchmarks/run_fashion.py --tune          # first rerun the tuning (about 50 min on 2 cores)
+    python benchmarks/run_fashion.py --tune          # first rerun the tuning (about an hour on 2 cores)
     python benchmarks/run_fashion.py --seeds 0 --jobs 1
 
 Needs the IDX files (Debian: ``apt-get install dataset-fashion-mnist``; see `snopt.data`).
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=2, help="runs at a time (each one thread)")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--tune", action="store_true",
-                   help=f"rerun the tuning first (about 50 min on 2 cores) and rewrite its rows in {TUNING_JSON.name}")
+                   help=f"rerun the tuning first (about an hour on 2 cores) and rewrite its rows in {TUNING_JSON.name}")
     p.add_argument("--tune-only", action="store_true", help="tune, write the tuning rows, skip the benchmark")
     p.add_argument("--resume", action="store_true", help="reuse the runs of an interrupted --tune in --out")
     args = p.parse_args(argv)

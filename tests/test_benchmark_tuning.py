@@ -166,3 +166,24 @@ def test_fashion_benchmark_trains_the_kept_settings(bench: ModuleType) -> None:
         (0, "snopt", 0.3), (0, "adam", 0.003), (0, "sgd", 0.03), (1, "snopt", 0.3), (1, "adam", 0.003),
         (1, "sgd", 0.03)]
     assert all(c.snopt_eps == 0.03 and c.task == "fashion" and c.options["subset"] is None for c in cfgs)
+
+
+def test_committed_rows_are_what_the_protocol_runs(bench: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Replaying `tune` on the committed rows asks for exactly those runs: none missing, none extra.
+
+    So the committed record follows the current grids, extension rule and score (a change to any of
+    them that would run other settings fails here until the tuning is rerun).
+    """
+    rows = json.loads(bench.TUNING_JSON.read_text())
+
+    def not_committed(task: str, setting: tuple[str, float, float | None], seed: int, iterations: int | None
+                      ) -> dict[str, Any]:
+        raise AssertionError(f"the protocol runs {task} {setting} seed {seed}, which the record lacks")
+
+    def runs(rs: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
+        return sorted((r["optimizer"], r["lr"], r["eps"], r["seed"]) for r in rs)
+
+    monkeypatch.setattr(bench, "_tuning_run", not_committed)
+    for task in bench.TUNING_TASKS:
+        mine = [r for r in rows if r["task"] == task]
+        assert runs(bench.tune(task, None, 1, echo=False, done=mine)) == runs(mine), task
