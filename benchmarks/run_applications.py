@@ -16,7 +16,8 @@ Settings: every optimizer's learning rate (and SNOpt's damping eps) comes from o
 the criterion). Its rows are committed in benchmarks/results/applications_tuning_cpu.json; the
 benchmark uses the settings they select, and tests/test_benchmark_tuning.py checks that the
 presets of `snopt.experiments` are those settings, so the README's commands train what this
-table measured.
+table measured. Fashion-MNIST is tuned by the same `tune` (`TUNING_TASKS`; its rows sit in the
+same file) from benchmarks/run_fashion.py, whose table is separate.
 """
 
 import argparse
