@@ -225,6 +225,38 @@ def tune(task: str, iterations: int | None, jobs: int, echo: bool, *,
     return rows
 
 
+def retune(tasks: list[str], rows: list[dict[str, Any]], out: Path, jobs: int, *, resume: bool,
+           quick: bool = False) -> list[dict[str, Any]]:
+    """Rerun `tune` for `tasks`, saving every row to ``out / TUNING_JSON.name`` as it goes.
+
+    Args:
+        tasks: Keys of `TUNING_TASKS`.
+        rows: The current rows; those of other tasks are kept as they are.
+        out: Folder of the tuning file.
+        jobs: Runs at a time.
+        resume: Reuse the runs an interrupted tuning saved in that file.
+        quick: A third of each task's iterations (a check, not the record).
+
+    Returns:
+        The other tasks' rows, then the new rows of `tasks`.
+    """
+    out_json = out / TUNING_JSON.name
+    out.mkdir(parents=True, exist_ok=True)
+    partial = json.loads(out_json.read_text()) if resume and out_json.exists() else []
+    rows = [r for r in rows if r["task"] not in tasks]
+    for task in tasks:
+        print(f"[{task}] tuning on seeds {TUNING_SEEDS} ...", flush=True)
+        iters = max(10, task_defaults(TUNING_TASKS[task]).iterations // 3) if quick else None
+        kept_rows = list(rows)
+
+        def save(so_far: list[dict[str, Any]], before: list[dict[str, Any]] = kept_rows) -> None:
+            out_json.write_text(json.dumps(before + so_far, indent=0) + "\n")
+        rows = kept_rows + tune(task, iters, jobs, echo=True, done=partial, save=save)
+        save(rows, [])
+    print(f"wrote {out_json}")
+    return rows
+
+
 def tuning_section(rows: list[dict[str, Any]], command: str = "python benchmarks/run_applications.py --tune",
                    trust: str = "digits 1e-3, time series 3e-3, CNF off") -> str:
     """Markdown: the protocol, every setting's per-seed results, and the kept setting per task and optimizer.
@@ -387,23 +419,11 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     rows: list[dict[str, Any]] = json.loads(TUNING_JSON.read_text()) if TUNING_JSON.exists() else []
     if args.tune or args.tune_only:
-        out_json = args.out / TUNING_JSON.name
-        args.out.mkdir(parents=True, exist_ok=True)
-        partial = json.loads(out_json.read_text()) if args.resume and out_json.exists() else []
-        rows = [r for r in rows if r["task"] not in args.tasks]
-        for task in args.tasks:
-            print(f"[{task}] tuning on seeds {TUNING_SEEDS} ...", flush=True)
-            iters = max(10, task_defaults(TASKS[task]).iterations // 3) if args.quick else None
-            kept_rows = list(rows)
-
-            def save(so_far: list[dict[str, Any]], before: list[dict[str, Any]] = kept_rows) -> None:
-                out_json.write_text(json.dumps(before + so_far, indent=0) + "\n")
-            rows = kept_rows + tune(task, iters, args.jobs, echo=True, done=partial, save=save)
-            save(rows, [])
-        print(f"wrote {out_json}")
-        if args.tune_only:
-            print(tuning_section([r for r in rows if r["task"] in TASKS]))
-            return 0
+        rows = retune(args.tasks, rows, args.out, args.jobs, resume=args.resume, quick=args.quick)
+    rows_here = [r for r in rows if r["task"] in TASKS]  # Fashion-MNIST's rows belong to run_fashion.py's table
+    if args.tune_only:
+        print(tuning_section(rows_here))
+        return 0
     sections: list[str] = []
     summary_lines: list[str] = []
     for task in args.tasks:
@@ -437,8 +457,7 @@ def main(argv: list[str] | None = None) -> int:
             result["table"], "", *v, *overhead_lines(result), *stability_lines(result), "",
             *([NOTES[task], ""] if task in NOTES else []), f"![{task}](applications_{task}.png)", ""]))
         summary_lines.extend([f"**{task}**:", "", *v, ""])
-    rows = [r for r in rows if r["task"] in TASKS]  # Fashion-MNIST's rows belong to run_fashion.py's table
-    tuning = tuning_section(rows) if rows else None
+    tuning = tuning_section(rows_here) if rows_here else None
     head = [
         "# Applications benchmark (CPU): SNOpt vs Adam vs SGD", "",
         "Regenerate: `python benchmarks/run_applications.py` (add `--tune` to rerun the tuning grids first: "

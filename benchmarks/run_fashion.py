@@ -32,8 +32,8 @@ from run_applications import (
     best_settings,
     machine_lines,
     overhead_lines,
+    retune,
     stability_lines,
-    tune,
     tuning_section,
     verdicts,
 )
@@ -73,17 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     rows: list[dict[str, Any]] = json.loads(TUNING_JSON.read_text()) if TUNING_JSON.exists() else []
     if args.tune or args.tune_only:
-        out_json = args.out / TUNING_JSON.name
-        args.out.mkdir(parents=True, exist_ok=True)
-        partial = json.loads(out_json.read_text()) if args.resume and out_json.exists() else []
-        others = [r for r in rows if r["task"] != "fashion"]
-
-        def save(so_far: list[dict[str, Any]]) -> None:
-            out_json.write_text(json.dumps(others + so_far, indent=0) + "\n")
-        print("[fashion] tuning on the 10k subset ...", flush=True)
-        rows = others + tune("fashion", None, args.jobs, echo=True, done=partial, save=save)
-        save([r for r in rows if r["task"] == "fashion"])
-        print(f"wrote {out_json}")
+        rows = retune(["fashion"], rows, args.out, args.jobs, resume=args.resume)
     mine = [r for r in rows if r["task"] == "fashion"]
     if args.tune_only:
         print(tuning_section(mine, "python benchmarks/run_fashion.py --tune", "1e-3"))

@@ -187,3 +187,26 @@ def test_committed_rows_are_what_the_protocol_runs(bench: ModuleType, monkeypatc
     for task in bench.TUNING_TASKS:
         mine = [r for r in rows if r["task"] == task]
         assert runs(bench.tune(task, None, 1, echo=False, done=mine)) == runs(mine), task
+
+
+def test_retune_keeps_other_tasks_and_saves_as_it_goes(bench: ModuleType, monkeypatch: pytest.MonkeyPatch,
+                                                       tmp_path: Path) -> None:
+    """`retune` (both benchmark scripts' --tune) replaces only its tasks' rows, and its file equals what it returns."""
+    calls: list[tuple[Any, ...]] = []
+
+    def fake(task: str, setting: tuple[str, float, float | None], seed: int, iterations: int | None
+             ) -> dict[str, Any]:
+        calls.append((task, *setting, seed))
+        t = 5.0 + abs(setting[1] - 0.1) + (setting[2] or 0.0)
+        return {**_row(setting[0], setting[1], setting[2], seed, tl=t, tm=t), "task": task}
+
+    monkeypatch.setattr(bench, "_tuning_run", fake)
+    other = {**_row("adam", 0.01, None, 100, tl=1.0, tm=1.0), "task": "cnf"}
+    stale = {**_row("adam", 9.0, None, 100, tl=1.0, tm=1.0), "task": "fashion"}
+    rows = bench.retune(["fashion"], [other, stale], tmp_path, 1, resume=False)
+    assert rows[0] == other and stale not in rows and all(r["task"] == "fashion" for r in rows[1:])
+    assert json.loads((tmp_path / bench.TUNING_JSON.name).read_text()) == rows
+    n = len(calls)
+    calls.clear()
+    assert bench.retune(["fashion"], [other], tmp_path, 1, resume=True) == rows and not calls  # all reused
+    assert n == len(rows) - 1
