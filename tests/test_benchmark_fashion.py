@@ -1,0 +1,99 @@
+"""benchmarks/run_fashion.py's bookkeeping: --extra runs, the run log and tables written from it.
+
+Training is swapped for three-iteration digits runs (real records, a second each), so the
+tables are built from the same structures a full benchmark produces.
+"""
+
+import importlib.util
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+from snopt.experiments import RunConfig
+from snopt.experiments._runner import run as real_run
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def fashion() -> ModuleType:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        spec = importlib.util.spec_from_file_location("run_fashion", ROOT / "benchmarks" / "run_fashion.py")
+        assert spec is not None and spec.loader is not None
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    return mod
+
+
+def test_parse_extra(fashion: ModuleType) -> None:
+    assert fashion.parse_extra(["adam=0.003", "sgd=1"]) == [("adam", 0.003), ("sgd", 1.0)]
+    for bad in ("adam", "lbfgs=0.1", "adam=fast", "adam=0", "adam=-1"):
+        with pytest.raises(SystemExit, match="--extra"):
+            fashion.parse_extra([bad])
+
+
+@pytest.mark.parametrize(("name", "slug"), [("NVIDIA H100 80GB HBM3", "h100"), ("NVIDIA H200", "h200"),
+                                            ("NVIDIA A100-SXM4-40GB", "a100"), ("Tesla V100-SXM2-16GB", "v100"),
+                                            ("NVIDIA GeForce RTX 4090", "nvidia-geforce-rtx-4090")])
+def test_card_slug(fashion: ModuleType, name: str, slug: str) -> None:
+    assert fashion.card_slug(name) == slug
+
+
+def test_read_log_skips_a_torn_last_line(fashion: ModuleType, tmp_path: Path) -> None:
+    log = tmp_path / "runs.jsonl"
+    log.write_text(json.dumps({"a": 1}) + "\n" + json.dumps({"a": 2}) + "\n" + '{"a": 3, "hist')
+    assert fashion.read_log(log) == [{"a": 1}, {"a": 2}]
+
+
+def test_extra_runs_log_and_tables_from_the_log(fashion: ModuleType, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    asked: list[RunConfig] = []
+
+    def tiny(cfg: RunConfig, isolate: bool = False) -> dict[str, Any]:
+        asked.append(cfg)
+        small = replace(cfg, task="digits", iterations=3, eval_every=3, options={}, target_loss=None,
+                        target_metric=None)
+        return real_run(small)
+
+    monkeypatch.setattr(fashion, "run", tiny)
+    log = tmp_path / "runs.jsonl"
+    out = tmp_path / "out"
+    out.mkdir()
+    assert fashion.main(["--seeds", "0", "1", "--jobs", "1", "--extra", "adam=0.003", "--log", str(log),
+                         "--out", str(out)]) == 0
+    # the protocol's three optimizers plus the extra Adam, seed-major
+    assert [(c.seed, c.optimizer, c.lr) for c in asked] == [
+        (s, o, lr) for s in (0, 1) for o, lr in (("snopt", 0.3), ("adam", 0.01), ("sgd", 0.03), ("adam", 0.003))]
+    runs = fashion.read_log(log)
+    assert len(runs) == 8 and [r["extra"] for r in runs] == [False, False, False, True] * 2
+    text = (out / "fashion_cpu.md").read_text()
+    main_table, extra_part = text.split("## The same SNOpt runs vs adam at lr 0.003")
+    assert "| adam | 0.01 |" in main_table and "| adam | 0.003 |" not in main_table
+    assert "| adam | 0.003 |" in extra_part.split("## Tuning")[0] and "| snopt | 0.3 |" in extra_part
+    assert "--extra adam=0.003" in text and (out / "applications_fashion_adam0.003.png").is_file()
+
+    again = tmp_path / "again"
+    again.mkdir()
+    asked.clear()
+    assert fashion.main(["--from-log", str(log), "--out", str(again)]) == 0
+    assert not asked  # nothing trained
+    redone = (again / "fashion_cpu.md").read_text()
+
+    def without_stamp(t: str) -> list[str]:
+        return [ln for ln in t.splitlines() if not ln.startswith(("Regenerate", "- load average"))]
+    assert without_stamp(redone) == without_stamp(text)
+
+
+def test_from_log_without_protocol_runs_fails(fashion: ModuleType, tmp_path: Path) -> None:
+    log = tmp_path / "runs.jsonl"
+    log.write_text(json.dumps({"extra": True, "config": {"seed": 0}}) + "\n")
+    with pytest.raises(SystemExit, match="no finished protocol run"):
+        fashion.main(["--from-log", str(log), "--out", str(tmp_path)])
