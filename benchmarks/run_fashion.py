@@ -28,6 +28,7 @@ JSON-lines file as it ends, so an interrupted benchmark loses only its unfinishe
 """
 
 import argparse
+import gzip
 import json
 import re
 import threading
@@ -95,14 +96,43 @@ def card_slug(gpu: str) -> str:
 
 
 def read_log(path: Path) -> list[dict[str, Any]]:
-    """The runs of a `--log` file, one JSON record per line (a torn last line, from a killed run, is skipped)."""
+    """The runs of a `--log` file (or its ``.gz``), a JSON record per line; a torn line (a killed writer) is skipped."""
     runs = []
-    for line in path.read_text().splitlines():
+    text = gzip.decompress(path.read_bytes()).decode() if path.suffix == ".gz" else path.read_text()
+    for line in text.splitlines():
         try:
             runs.append(json.loads(line))
         except json.JSONDecodeError:
             continue
     return runs
+
+
+def complete_seeds(runs: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The runs of the seeds that finished every setting, and the runs left out (their seed did not).
+
+    A benchmark cut short leaves a seed with some optimizers finished and others not; averaging
+    those would compare optimizers over different seeds.
+    """
+    def setting(r: dict[str, Any]) -> tuple[str, float, bool]:
+        return r["config"]["optimizer"], r["resolved"]["lr"], bool(r.get("extra"))
+
+    every = {setting(r) for r in runs}
+    have: dict[int, set[tuple[str, float, bool]]] = {}
+    for r in runs:
+        have.setdefault(r["config"]["seed"], set()).add(setting(r))
+    whole = {seed for seed, got in have.items() if got == every}
+    return [r for r in runs if r["config"]["seed"] in whole], [r for r in runs if r["config"]["seed"] not in whole]
+
+
+def left_out_lines(left_out: list[dict[str, Any]]) -> list[str]:
+    """A line naming the runs of unfinished seeds, which the tables leave out."""
+    if not left_out:
+        return []
+    parts = [f"{r['config']['optimizer']} lr {r['resolved']['lr']:g} seed {r['config']['seed']} (final "
+             f"{100 * r['summary']['final_test_metric']:.2f} %, {r['summary']['train_time']:.0f} s"
+             + (", diverged" if r["diverged"] else "") + ")" for r in left_out]
+    return [f"Left out of the tables, because their seed did not finish every setting before the benchmark was "
+            f"stopped: {'; '.join(parts)}.", ""]
 
 
 def split_runs(runs: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -120,7 +150,8 @@ def gpu_machine_lines(runs: list[dict[str, Any]], jobs: int) -> list[str]:
 
 
 def report(runs: list[dict[str, Any]], mine: list[dict[str, Any]], *, out: Path, seeds: list[int], jobs: int,
-           elapsed: float | None, device: str) -> str:
+           elapsed: float | None, device: str, left_out: list[dict[str, Any]] | None = None,
+           log: Path | None = None) -> str:
     """The results file's text (and its plots, written into `out`) from finished runs."""
     main_runs, extra_runs = split_runs(runs)
     gpu = device != "cpu"
@@ -135,7 +166,10 @@ def report(runs: list[dict[str, Any]], mine: list[dict[str, Any]], *, out: Path,
     extras = sorted({(r["config"]["optimizer"], r["resolved"]["lr"]) for r in extra_runs})
     command += "".join(f" --extra {n}={lr:g}" for n, lr in extras)
     when = (f"Generated {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
-            + (f" in {elapsed:.0f} s" if elapsed is not None else " from the runs' log") + f", {jobs} runs at a time.")
+            + (f" in {elapsed:.0f} s" if elapsed is not None else
+               f" from the runs recorded in `{log.name if log else '?'}` (`python benchmarks/run_fashion.py "
+               f"--from-log {log.as_posix() if log else '?'}{' --device ' + device if gpu else ''}`)")
+            + f", {jobs} runs at a time.")
     lines = [
         f"# Fashion-MNIST (full 60k / 10k, 28×28): SNOpt vs Adam vs SGD ({'GPU' if gpu else 'CPU'})", "",
         f"Regenerate: `{command}`" + (" (add `--tune` to rerun the tuning first: last section). " if not gpu else
@@ -144,10 +178,16 @@ def report(runs: list[dict[str, Any]], mine: list[dict[str, Any]], *, out: Path,
         f"{res['iterations']} iterations, batch {res['batch_size']}, evaluation every {res['eval_every']} iterations "
         f"(not timed; test accuracy on all 10,000 test images, train loss on a fixed 1,000), "
         f"{main_runs[0]['task']['num_parameters']} parameters, options `{res['options']}`; SNOpt eps "
-        f"{res['snopt_eps']}, update_freq {res['snopt_freq']}, kl_clip {res['snopt_kl_clip']}; seeds {seeds}.", ""]
+        f"{res['snopt_eps']}, update_freq {res['snopt_freq']}, kl_clip {res['snopt_kl_clip']}; seeds {seeds}.", "",
+        *left_out_lines(left_out or [])]
     if gpu:
+        peak = {}
+        for r in runs:
+            name = f"{r['config']['optimizer']} {r['resolved']['lr']:g}"
+            peak[name] = max(peak.get(name, 0.0), r["memory"]["peak_cuda_mib"] or 0.0)
         lines += ["On the GPU the wall-clock columns and ratios are the ones that count: CPU time there includes the "
-                  "host spinning while it waits for the device.", ""]
+                  "host spinning while it waits for the device. Peak CUDA memory per run (MiB, the most over seeds): "
+                  + ", ".join(f"{k} {v:.0f}" for k, v in peak.items()) + ".", ""]
     lines += [format_table(agg, ratios, main_runs[0]), "", *verdicts("fashion", result), *overhead_lines(result),
               *stability_lines(result, cpu_clock=not gpu), "", HORIZON_NOTE, "", f"![fashion]({png})", ""]
     snopt_runs = [r for r in main_runs if r["config"]["optimizer"] == "snopt"]
@@ -198,9 +238,9 @@ def main(argv: list[str] | None = None) -> int:
     if not mine:
         raise SystemExit(f"no Fashion-MNIST tuning rows in {TUNING_JSON}: run with --tune first")
     if args.from_log is not None:
-        runs = read_log(args.from_log)
+        runs, left_out = complete_seeds(read_log(args.from_log))
         if not any(not r.get("extra") for r in runs):
-            raise SystemExit(f"{args.from_log} holds no finished protocol run")
+            raise SystemExit(f"{args.from_log} holds no seed whose protocol runs all finished")
         seeds = sorted({r["config"]["seed"] for r in runs})
         elapsed, args.jobs = None, int(runs[0].get("jobs", args.jobs))
     else:
@@ -225,9 +265,10 @@ def main(argv: list[str] | None = None) -> int:
         lock = threading.Lock()
         with ThreadPoolExecutor(args.jobs) as pool:
             runs = list(pool.map(one, jobs))
-        seeds, elapsed = args.seeds, time.perf_counter() - start
+        seeds, elapsed, left_out = args.seeds, time.perf_counter() - start, []
     device = args.device
-    text = report(runs, mine, out=args.out, seeds=seeds, jobs=args.jobs, elapsed=elapsed, device=device)
+    text = report(runs, mine, out=args.out, seeds=seeds, jobs=args.jobs, elapsed=elapsed, device=device,
+                  left_out=left_out, log=args.from_log)
     gpu = device != "cpu"
     name = f"fashion_{card_slug(runs[0]['machine'].get('gpu', 'gpu'))}.md" if gpu else MD.name
     (args.out / name).write_text(text)

@@ -94,6 +94,30 @@ def test_extra_runs_log_and_tables_from_the_log(fashion: ModuleType, tmp_path: P
 
 def test_from_log_without_protocol_runs_fails(fashion: ModuleType, tmp_path: Path) -> None:
     log = tmp_path / "runs.jsonl"
-    log.write_text(json.dumps({"extra": True, "config": {"seed": 0}}) + "\n")
-    with pytest.raises(SystemExit, match="no finished protocol run"):
+    log.write_text(json.dumps({"extra": True, "config": {"optimizer": "adam", "seed": 0}, "resolved": {"lr": 0.1}})
+                   + "\n")
+    with pytest.raises(SystemExit, match="no seed whose protocol runs all finished"):
         fashion.main(["--from-log", str(log), "--out", str(tmp_path)])
+
+
+def test_read_log_reads_gzip(fashion: ModuleType, tmp_path: Path) -> None:
+    import gzip
+    log = tmp_path / "runs.jsonl.gz"
+    log.write_bytes(gzip.compress((json.dumps({"a": 1}) + "\n" + json.dumps({"a": 2}) + "\n").encode()))
+    assert fashion.read_log(log) == [{"a": 1}, {"a": 2}]
+
+
+def _rec(opt: str, lr: float, seed: int, extra: bool = False) -> dict[str, Any]:
+    return {"config": {"optimizer": opt, "seed": seed}, "resolved": {"lr": lr}, "extra": extra}
+
+
+def test_complete_seeds_leaves_out_a_seed_that_did_not_finish_every_setting(fashion: ModuleType) -> None:
+    runs = [_rec("snopt", 0.3, 0), _rec("adam", 0.01, 0), _rec("adam", 0.003, 0, True),
+            _rec("adam", 0.01, 1), _rec("adam", 0.003, 1, True),  # seed 1: SNOpt never finished
+            _rec("snopt", 0.3, 2), _rec("adam", 0.01, 2), _rec("adam", 0.003, 2, True)]
+    kept, left = fashion.complete_seeds(runs)
+    assert {r["config"]["seed"] for r in kept} == {0, 2} and len(kept) == 6
+    assert left == [runs[3], runs[4]]
+    # the extra flag is part of the setting: the protocol's Adam at 0.003 is not the extra one
+    kept, left = fashion.complete_seeds([_rec("adam", 0.003, 0), _rec("adam", 0.003, 1, True), _rec("adam", 0.003, 1)])
+    assert kept == [_rec("adam", 0.003, 1, True), _rec("adam", 0.003, 1)] and left == [_rec("adam", 0.003, 0)]
