@@ -185,9 +185,12 @@ def report(runs: list[dict[str, Any]], mine: list[dict[str, Any]], *, out: Path,
         for r in runs:
             name = f"{r['config']['optimizer']} {r['resolved']['lr']:g}"
             peak[name] = max(peak.get(name, 0.0), r["memory"]["peak_cuda_mib"] or 0.0)
+        longest = max(r["summary"]["train_time"] for r in runs)
         lines += ["On the GPU the wall-clock columns and ratios are the ones that count: CPU time there includes the "
                   "host spinning while it waits for the device. Peak CUDA memory per run (MiB, the most over seeds): "
-                  + ", ".join(f"{k} {v:.0f}" for k, v in peak.items()) + ".", ""]
+                  + ", ".join(f"{k} {v:.0f}" for k, v in peak.items()) + f". The longest run trained for {longest:.0f} "
+                  f"s of wall-clock (evaluations not counted); with {jobs} at a time, a seed takes about that long.",
+                  ""]
     lines += [format_table(agg, ratios, main_runs[0]), "", *verdicts("fashion", result), *overhead_lines(result),
               *stability_lines(result, cpu_clock=not gpu), "", HORIZON_NOTE, "", f"![fashion]({png})", ""]
     snopt_runs = [r for r in main_runs if r["config"]["optimizer"] == "snopt"]

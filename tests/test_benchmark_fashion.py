@@ -91,6 +91,22 @@ def test_extra_runs_log_and_tables_from_the_log(fashion: ModuleType, tmp_path: P
         return [ln for ln in t.splitlines() if not ln.startswith(("Regenerate", "- load average"))]
     assert without_stamp(redone) == without_stamp(text)
 
+    # the same runs as if recorded on a GPU: the table is named after the card and reads the card's records
+    gpu_log = tmp_path / "gpu.jsonl"
+    gpu_log.write_text("".join(json.dumps({**r, "machine": {**r["machine"], "gpu": "NVIDIA H100 80GB HBM3"},
+                                           "memory": {**r["memory"], "peak_cuda_mib": 100.0 + i}}) + "\n"
+                               for i, r in enumerate(runs)))
+    gpu_out = tmp_path / "gpu"
+    gpu_out.mkdir()
+    assert fashion.main(["--from-log", str(gpu_log), "--device", "cuda", "--out", str(gpu_out)]) == 0
+    gpu_text = (gpu_out / "fashion_h100.md").read_text()
+    assert gpu_text.startswith("# Fashion-MNIST (full 60k / 10k, 28×28): SNOpt vs Adam vs SGD (GPU)")
+    assert "- GPU: NVIDIA H100 80GB HBM3;" in gpu_text and "--device cuda --jobs 1 --extra adam=0.003" in gpu_text
+    # the most over the two seeds: runs 4..7 are seed 1's (snopt, adam 0.01, sgd, adam 0.003)
+    assert "snopt 0.3 104, adam 0.01 105, sgd 0.03 106, adam 0.003 107." in gpu_text
+    assert (gpu_out / "applications_fashion_h100.png").is_file()
+    assert (gpu_out / "applications_fashion_h100_adam0.003.png").is_file()
+
 
 def test_from_log_without_protocol_runs_fails(fashion: ModuleType, tmp_path: Path) -> None:
     log = tmp_path / "runs.jsonl"
