@@ -52,7 +52,7 @@ from run_applications import (
 )
 
 from snopt.experiments import RunConfig, plot_comparison
-from snopt.experiments._runner import aggregate, format_table, quiet_warnings, run, target_ratios
+from snopt.experiments._runner import aggregate, format_table, quiet_warnings, run, summarize, target_ratios
 
 MD = RESULTS / "fashion_cpu.md"
 HORIZON_NOTE = ("The settings were tuned on the fast preset (a 10k subset, 300 iterations; its 57 runs took an hour "
@@ -244,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         runs, left_out = complete_seeds(read_log(args.from_log))
         if not any(not r.get("extra") for r in runs):
             raise SystemExit(f"{args.from_log} holds no seed whose protocol runs all finished")
+        runs = [{**r, "summary": summarize(r)} for r in runs]  # with this version's measures
         seeds = sorted({r["config"]["seed"] for r in runs})
         elapsed, args.jobs = None, int(runs[0].get("jobs", args.jobs))
     else:

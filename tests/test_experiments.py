@@ -2,6 +2,7 @@
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ import snopt
 from snopt.experiments import GRUODE, RunConfig, train
 from snopt.experiments.__main__ import main
 from snopt.experiments._common import EpochSampler, resolve
-from snopt.experiments._runner import aggregate, run, target_ratios, task_defaults, time_to
+from snopt.experiments._runner import aggregate, nfe_until, run, target_ratios, task_defaults, time_to
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 RUN_KEYS = {"config", "resolved", "machine", "task", "history", "evals", "memory", "diverged", "summary"}
@@ -199,6 +200,40 @@ def test_time_to_target_and_ratio_bounds() -> None:
     assert ratios["snopt/adam"]["loss"] == {"ratio": 0.5, "bound": "="}
     assert ratios["snopt/sgd"]["loss"] == {"ratio": 0.2, "bound": "<="}
     assert ratios["snopt/sgd"]["metric"]["bound"] == "n/a"
+
+
+def test_nfe_to_target_sums_the_iterations_up_to_the_reaching_evaluation() -> None:
+    assert nfe_until([1, 2, 3, 4], [10, 20, 30, 40], 2) == 30.0
+    assert nfe_until([1, 2, 3, 4], [10, 20, 30, 40], 4) == 100.0
+    assert nfe_until([1, 2, 3, 4], [10, 20, 30, 40], None) is None
+    cfg = RunConfig(task="digits", optimizer="adam", iterations=6, eval_every=3, target_loss=-1.0, target_metric=1.1,
+                    options={"hidden": 4, "eval_train": 50})
+    first = train(cfg)  # never reaches these targets
+    assert first["summary"]["nfe_to_target_loss"] is None and first["summary"]["nfe_to_target_metric"] is None
+    at_3 = first["evals"]["train_loss"][1]  # the evaluation after iteration 3
+    assert first["evals"]["iteration"][1] == 3 and at_3 < first["evals"]["train_loss"][0]
+    again = train(replace(cfg, target_loss=at_3))  # the same run, deterministic: reaches it at iteration 3
+    s, h = again["summary"], again["history"]
+    nfe = [f + b for f, b in zip(h["nfe_forward"], h["nfe_backward"])]
+    assert h["iteration"] == first["history"]["iteration"] and s["iterations_to_target_loss"] == 3
+    assert s["nfe_to_target_loss"] == sum(nfe[:3]) < s["total_nfe"] == sum(nfe)
+
+
+def test_iterations_and_nfe_ratios_censor_misses_like_time() -> None:
+    def with_work(name: str, its: int | None, nfe: float | None, done: int, total: float) -> dict:
+        r = _fake(name, 1.0)
+        r["summary"].update(iterations_to_target_loss=its, nfe_to_target_loss=nfe, iterations_done=done,
+                            total_nfe=total)
+        return r
+
+    agg = aggregate([with_work("snopt", 50, 4000.0, 100, 9000.0), with_work("adam", 100, 4000.0, 100, 5000.0),
+                     with_work("sgd", None, None, 100, 5000.0)])
+    assert agg["sgd"]["nfe_to_target_loss"]["censored_mean"] == 5000.0
+    ratios = target_ratios(agg)
+    assert ratios["snopt/adam"]["loss_iterations"] == {"ratio": 0.5, "bound": "="}
+    assert ratios["snopt/adam"]["loss_nfe"] == {"ratio": 1.0, "bound": "="}
+    assert ratios["snopt/sgd"]["loss_nfe"] == {"ratio": 0.8, "bound": "<="}
+    assert ratios["snopt/sgd"]["loss_iterations"] == {"ratio": 0.5, "bound": "<="}
 
 
 def test_blown_up_dynamics_stop_the_run_as_diverged() -> None:

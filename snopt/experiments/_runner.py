@@ -312,6 +312,22 @@ def time_to(evals: dict[str, list[Any]], key: str, target: float, *, lower: bool
     return None, None
 
 
+def nfe_until(iterations: Sequence[float], nfe: Sequence[float], until: int | None) -> float | None:
+    """Function evaluations (forward + backward) spent in the iterations up to and including `until`.
+
+    Args:
+        iterations: A run's ``history["iteration"]``.
+        nfe: Its forward + backward NFE per iteration.
+        until: The last iteration counted (None: the target was never reached).
+
+    Returns:
+        The total, or None when `until` is None.
+    """
+    if until is None:
+        return None
+    return float(sum(n for it, n in zip(iterations, nfe) if it <= until))
+
+
 def summarize(result: dict[str, Any], *, target_metric: float | None = None) -> dict[str, Any]:
     """The headline numbers of one run.
 
@@ -320,8 +336,9 @@ def summarize(result: dict[str, Any], *, target_metric: float | None = None) -> 
         target_metric: Override of the test-metric target (e.g. Adam's final NLL).
 
     Returns:
-        final/best test metric, final training loss, time (wall and CPU) and iterations to
-        the loss and metric targets (None if not reached), mean/median step time, mean
+        final/best test metric, final training loss, time (wall and CPU), iterations and
+        function evaluations (forward + backward, summed over the training iterations) to the
+        loss and metric targets (None if not reached), mean/median step time, mean
         forward/backward NFE per iteration, peak RSS / CUDA memory, total training time.
     """
     ev, hist, res = result["evals"], result["history"], result["resolved"]
@@ -333,6 +350,7 @@ def summarize(result: dict[str, Any], *, target_metric: float | None = None) -> 
     c_loss, _ = time_to(ev, "train_loss", res["target_loss"], lower=True, clock="cpu_time")
     c_met, _ = time_to(ev, "test_metric", tm, lower=not higher, clock="cpu_time")
     steps = hist["step_time"]
+    nfe = [f + b for f, b in zip(hist["nfe_forward"], hist["nfe_backward"])]
     out: dict[str, Any] = {
         "final_test_metric": ev["test_metric"][-1], "final_train_loss": ev["train_loss"][-1],
         "best_test_metric": (max(metrics) if higher else min(metrics)) if metrics else None,
@@ -340,6 +358,9 @@ def summarize(result: dict[str, Any], *, target_metric: float | None = None) -> 
         "time_to_target_loss": t_loss, "time_to_target_metric": t_met,
         "cpu_time_to_target_loss": c_loss, "cpu_time_to_target_metric": c_met,
         "iterations_to_target_loss": it_loss, "iterations_to_target_metric": it_met,
+        "nfe_to_target_loss": nfe_until(hist["iteration"], nfe, it_loss),
+        "nfe_to_target_metric": nfe_until(hist["iteration"], nfe, it_met),
+        "total_nfe": sum(nfe),
         "train_time": hist["time"][-1] if hist["time"] else 0.0,
         "train_cpu_time": hist["cpu_time"][-1] if hist["cpu_time"] else 0.0,
         "iterations_done": len(steps),
@@ -465,16 +486,22 @@ def compare(base: RunConfig, optimizers: Sequence[str], seeds: Sequence[int], *,
 
 _AGG_KEYS = ("final_test_metric", "best_test_metric", "final_train_loss", "time_to_target_loss",
              "time_to_target_metric", "cpu_time_to_target_loss", "cpu_time_to_target_metric",
-             "iterations_to_target_loss", "iterations_to_target_metric", "mean_step_time", "median_step_time",
+             "iterations_to_target_loss", "iterations_to_target_metric", "nfe_to_target_loss",
+             "nfe_to_target_metric", "mean_step_time", "median_step_time",
              "mean_nfe_forward", "mean_nfe_backward", "peak_rss_mib", "peak_cuda_mib", "train_time",
              "train_cpu_time", "test_metric_at_best_val")
+
+
+# A run that misses a target counts as having spent its whole run on it (a lower bound on its cost).
+_CENSOR = {"time": "train_time", "cpu_time": "train_cpu_time", "iterations": "iterations_done", "nfe": "total_nfe"}
 
 
 def aggregate(runs: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Per optimizer: mean, standard deviation, count and values of each summary number.
 
-    Time-to-target means are over the seeds that reached the target; ``reached`` counts them,
-    and ``censored_mean`` replaces a miss by the run's whole training time (a lower bound).
+    Means of time, iterations and NFE to a target are over the seeds that reached it (``n``
+    counts them), and ``censored_mean`` replaces a miss by the run's whole training time,
+    iterations or NFE (a lower bound).
 
     Args:
         runs: Records from `train`.
@@ -493,9 +520,10 @@ def aggregate(runs: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             stat: dict[str, Any] = {"values": values, "n": len(got),
                                     "mean": statistics.fmean(got) if got else None,
                                     "std": statistics.stdev(got) if len(got) > 1 else (0.0 if got else None)}
-            if key.startswith(("time_to", "cpu_time_to")):
-                total = "train_cpu_time" if key.startswith("cpu") else "train_time"
-                cens = [float(v) if v is not None else float(r["summary"][total]) for v, r in zip(values, group)]
+            total = _CENSOR.get(key.split("_to_")[0]) if "_to_target" in key else None
+            if total is not None:
+                cens = [float(v) if v is not None else float(r["summary"].get(total) or 0.0)
+                        for v, r in zip(values, group)]
                 stat["censored_mean"] = statistics.fmean(cens)
             entry[key] = stat
         out[name] = entry
@@ -503,7 +531,7 @@ def aggregate(runs: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 
 def target_ratios(agg: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """SNOpt's mean time-to-target divided by each other optimizer's.
+    """SNOpt's mean time-to-target (and iterations and NFE to target) divided by each other optimizer's.
 
     Exact when every run of both reached the target; when only SNOpt's all did, the other's
     misses count as their whole training time and the ratio is an upper bound (``"<="``);
@@ -513,7 +541,9 @@ def target_ratios(agg: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
         agg: From `aggregate`.
 
     Returns:
-        ``{"snopt/adam": {"loss": {"ratio", "bound"}, "metric": {...}, "loss_cpu": ..., "metric_cpu": ...}, ...}``.
+        ``{"snopt/adam": {"loss": {"ratio", "bound"}, "metric": {...}, "loss_cpu": ..., "metric_cpu": ...,
+        "loss_iterations": ..., "metric_iterations": ..., "loss_nfe": ..., "metric_nfe": ...}, ...}``
+        (wall-clock, CPU time, iterations and NFE to the train-loss and test-metric targets).
     """
     out: dict[str, dict[str, Any]] = {}
     if "snopt" not in agg:
@@ -524,7 +554,12 @@ def target_ratios(agg: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
             continue
         entry: dict[str, Any] = {}
         for label, key in (("loss", "time_to_target_loss"), ("metric", "time_to_target_metric"),
-                           ("loss_cpu", "cpu_time_to_target_loss"), ("metric_cpu", "cpu_time_to_target_metric")):
+                           ("loss_cpu", "cpu_time_to_target_loss"), ("metric_cpu", "cpu_time_to_target_metric"),
+                           ("loss_iterations", "iterations_to_target_loss"),
+                           ("metric_iterations", "iterations_to_target_metric"),
+                           ("loss_nfe", "nfe_to_target_loss"), ("metric_nfe", "nfe_to_target_metric")):
+            if key not in s or key not in o or "censored_mean" not in s[key]:
+                continue  # records summarised before this measure existed
             a, b = s[key], o[key]
             n_a, n_b = len(a["values"]), len(b["values"])
             if a["n"] == n_a and b["n"] == n_b and b["mean"]:
@@ -594,6 +629,25 @@ def format_table(agg: dict[str, dict[str, Any]], ratios: dict[str, dict[str, Any
         for key, r in ratios.items():
             lines.append(f"| {key.split('/')[1]} | {format_ratio(r['loss'])} | {format_ratio(r['metric'])} | "
                          f"{format_ratio(r['loss_cpu'])} | {format_ratio(r['metric_cpu'])} |")
+    if all("nfe_to_target_loss" in a for a in agg.values()):
+        every = example["resolved"].get("eval_every")
+        lines += ["", "Time to target = iterations to it × cost per iteration. Iterations count to the evaluation "
+                  f"that first showed the target (evaluations every {every} iterations); NFE (forward + backward "
+                  "function evaluations, summed over those iterations) are the machine-independent cost.", "",
+                  f"| optimizer | iterations to train loss ≤ {tl:g} | iterations to test {metric} {cmp} "
+                  f"{tm * pct:.4g} | NFE to train loss (thousands) | NFE to test {metric} (thousands) |",
+                  "|---|---|---|---|---|"]
+        for name, a in agg.items():
+            lines.append(f"| {name} | {_fmt(a['iterations_to_target_loss'], 0)} | "
+                         f"{_fmt(a['iterations_to_target_metric'], 0)} | {_fmt(a['nfe_to_target_loss'], 1, 1e-3)} | "
+                         f"{_fmt(a['nfe_to_target_metric'], 1, 1e-3)} |")
+        if ratios and all("loss_nfe" in r for r in ratios.values()):
+            lines += ["", "| SNOpt ÷ | iterations to train loss | iterations to test metric | NFE to train loss | "
+                      "NFE to test metric |", "|---|---|---|---|---|"]
+            for key, r in ratios.items():
+                lines.append(f"| {key.split('/')[1]} | {format_ratio(r['loss_iterations'])} | "
+                             f"{format_ratio(r['metric_iterations'])} | {format_ratio(r['loss_nfe'])} | "
+                             f"{format_ratio(r['metric_nfe'])} |")
     return "\n".join(lines)
 
 
@@ -612,6 +666,7 @@ __all__ = [
     "format_table",
     "make_stepper",
     "make_task",
+    "nfe_until",
     "quiet_warnings",
     "run",
     "run_name",
