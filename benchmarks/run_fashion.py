@@ -201,8 +201,9 @@ def report(runs: list[dict[str, Any]], mine: list[dict[str, Any]], *, out: Path,
         extra_png = png.replace(".png", f"_{name}{lr:g}.png")
         plot_comparison(snopt_runs + group, out / extra_png)
         lines += [f"## The same SNOpt runs vs {name} at lr {lr:g} (outside the protocol)", "",
-                  f"{name} at {lr:g} is not the tuning's pick; it was run on the same seeds beside the protocol's "
-                  "runs because the pick diverged over the full horizon on the CPU (short-horizon bias, above).", "",
+                  f"{name} at {lr:g} is not the tuning's pick; it ran on the same seeds beside the protocol's runs, "
+                  "as a reference for a rate picked over the short horizon that may not hold over the full one "
+                  "(above).", "",
                   format_table(agg2, ratios2, main_runs[0]), "",
                   *[ln for ln in verdicts("fashion", {"aggregate": agg2, "ratios": ratios2, "runs": group})
                     if f"÷ {name}" in ln or ln.startswith("- final")],
