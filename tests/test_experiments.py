@@ -200,6 +200,10 @@ def test_time_to_target_and_ratio_bounds() -> None:
     assert ratios["snopt/adam"]["loss"] == {"ratio": 0.5, "bound": "="}
     assert ratios["snopt/sgd"]["loss"] == {"ratio": 0.2, "bound": "<="}
     assert ratios["snopt/sgd"]["metric"]["bound"] == "n/a"
+    # these records carry no iteration or NFE totals: a miss then gives no bound, not a zero
+    agg = aggregate([_fake("snopt", 2.0), _fake("sgd", None)])
+    assert agg["sgd"]["nfe_to_target_loss"]["censored_mean"] is None
+    assert target_ratios(agg)["snopt/sgd"]["loss_nfe"] == {"ratio": None, "bound": "n/a"}
 
 
 def test_nfe_to_target_sums_the_iterations_up_to_the_reaching_evaluation() -> None:

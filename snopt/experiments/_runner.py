@@ -521,10 +521,10 @@ def aggregate(runs: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
                                     "mean": statistics.fmean(got) if got else None,
                                     "std": statistics.stdev(got) if len(got) > 1 else (0.0 if got else None)}
             total = _CENSOR.get(key.split("_to_")[0]) if "_to_target" in key else None
-            if total is not None:
-                cens = [float(v) if v is not None else float(r["summary"].get(total) or 0.0)
-                        for v, r in zip(values, group)]
-                stat["censored_mean"] = statistics.fmean(cens)
+            if total is not None:  # None where a record lacks its run's total (then no bound either)
+                cens = [v if v is not None else r["summary"].get(total) for v, r in zip(values, group)]
+                stat["censored_mean"] = (statistics.fmean(float(c) for c in cens)
+                                         if all(c is not None for c in cens) else None)
             entry[key] = stat
         out[name] = entry
     return out
@@ -558,15 +558,13 @@ def target_ratios(agg: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
                            ("loss_iterations", "iterations_to_target_loss"),
                            ("metric_iterations", "iterations_to_target_metric"),
                            ("loss_nfe", "nfe_to_target_loss"), ("metric_nfe", "nfe_to_target_metric")):
-            if key not in s or key not in o or "censored_mean" not in s[key]:
-                continue  # records summarised before this measure existed
             a, b = s[key], o[key]
             n_a, n_b = len(a["values"]), len(b["values"])
             if a["n"] == n_a and b["n"] == n_b and b["mean"]:
                 entry[label] = {"ratio": a["mean"] / b["mean"], "bound": "="}
             elif a["n"] == n_a and b["censored_mean"]:
                 entry[label] = {"ratio": a["mean"] / b["censored_mean"], "bound": "<="}
-            elif b["n"] == n_b and a["n"] > 0 and b["mean"]:
+            elif b["n"] == n_b and a["n"] > 0 and b["mean"] and a["censored_mean"] is not None:
                 entry[label] = {"ratio": a["censored_mean"] / b["mean"], "bound": ">="}
             else:
                 entry[label] = {"ratio": None, "bound": "n/a"}
@@ -629,25 +627,24 @@ def format_table(agg: dict[str, dict[str, Any]], ratios: dict[str, dict[str, Any
         for key, r in ratios.items():
             lines.append(f"| {key.split('/')[1]} | {format_ratio(r['loss'])} | {format_ratio(r['metric'])} | "
                          f"{format_ratio(r['loss_cpu'])} | {format_ratio(r['metric_cpu'])} |")
-    if all("nfe_to_target_loss" in a for a in agg.values()):
-        every = example["resolved"].get("eval_every")
-        lines += ["", "Time to target = iterations to it × cost per iteration. Iterations count to the evaluation "
-                  f"that first showed the target (evaluations every {every} iterations); NFE (forward + backward "
-                  "function evaluations, summed over those iterations) are the machine-independent cost.", "",
-                  f"| optimizer | iterations to train loss ≤ {tl:g} | iterations to test {metric} {cmp} "
-                  f"{tm * pct:.4g} | NFE to train loss (thousands) | NFE to test {metric} (thousands) |",
-                  "|---|---|---|---|---|"]
-        for name, a in agg.items():
-            lines.append(f"| {name} | {_fmt(a['iterations_to_target_loss'], 0)} | "
-                         f"{_fmt(a['iterations_to_target_metric'], 0)} | {_fmt(a['nfe_to_target_loss'], 1, 1e-3)} | "
-                         f"{_fmt(a['nfe_to_target_metric'], 1, 1e-3)} |")
-        if ratios and all("loss_nfe" in r for r in ratios.values()):
-            lines += ["", "| SNOpt ÷ | iterations to train loss | iterations to test metric | NFE to train loss | "
-                      "NFE to test metric |", "|---|---|---|---|---|"]
-            for key, r in ratios.items():
-                lines.append(f"| {key.split('/')[1]} | {format_ratio(r['loss_iterations'])} | "
-                             f"{format_ratio(r['metric_iterations'])} | {format_ratio(r['loss_nfe'])} | "
-                             f"{format_ratio(r['metric_nfe'])} |")
+    every = example["resolved"].get("eval_every")
+    lines += ["", "Time to target = iterations to it × cost per iteration. Iterations count to the evaluation "
+              f"that first showed the target (evaluations every {every} iterations); NFE (forward + backward "
+              "function evaluations, summed over those iterations) are the machine-independent cost.", "",
+              f"| optimizer | iterations to train loss ≤ {tl:g} | iterations to test {metric} {cmp} "
+              f"{tm * pct:.4g} | NFE to train loss (thousands) | NFE to test {metric} (thousands) |",
+              "|---|---|---|---|---|"]
+    for name, a in agg.items():
+        lines.append(f"| {name} | {_fmt(a['iterations_to_target_loss'], 0)} | "
+                     f"{_fmt(a['iterations_to_target_metric'], 0)} | {_fmt(a['nfe_to_target_loss'], 1, 1e-3)} | "
+                     f"{_fmt(a['nfe_to_target_metric'], 1, 1e-3)} |")
+    if ratios:
+        lines += ["", "| SNOpt ÷ | iterations to train loss | iterations to test metric | NFE to train loss | "
+                  "NFE to test metric |", "|---|---|---|---|---|"]
+        for key, r in ratios.items():
+            lines.append(f"| {key.split('/')[1]} | {format_ratio(r['loss_iterations'])} | "
+                         f"{format_ratio(r['metric_iterations'])} | {format_ratio(r['loss_nfe'])} | "
+                         f"{format_ratio(r['metric_nfe'])} |")
     return "\n".join(lines)
 
 
