@@ -149,14 +149,26 @@ def gpu_machine_lines(runs: list[dict[str, Any]], jobs: int) -> list[str]:
             "so the ratios compare like with like, and a run alone on the card would be faster"]
 
 
+def output_names(runs: list[dict[str, Any]], gpu: bool) -> tuple[str, str]:
+    """The results file and main plot: ``fashion_cpu.md`` on the CPU, ``fashion_<card>.md`` on a GPU."""
+    if not gpu:
+        return MD.name, "applications_fashion.png"
+    tag = card_slug(runs[0]["machine"].get("gpu", "gpu"))
+    return f"fashion_{tag}.md", f"applications_fashion_{tag}.png"
+
+
+def fashion_tuning(rows: list[dict[str, Any]]) -> str:
+    """The tuning section of Fashion-MNIST's rows."""
+    return tuning_section(rows, "python benchmarks/run_fashion.py --tune", "1e-3")
+
+
 def report(runs: list[dict[str, Any]], mine: list[dict[str, Any]], *, out: Path, seeds: list[int], jobs: int,
            elapsed: float | None, device: str, left_out: list[dict[str, Any]] | None = None,
            log: Path | None = None) -> str:
     """The results file's text (and its plots, written into `out`) from finished runs."""
     main_runs, extra_runs = split_runs(runs)
     gpu = device != "cpu"
-    tag = card_slug(main_runs[0]["machine"].get("gpu", "gpu")) if gpu else ""
-    png = f"applications_fashion_{tag}.png" if gpu else "applications_fashion.png"
+    _, png = output_names(main_runs, gpu)
     agg = aggregate(main_runs)
     ratios = target_ratios(agg)
     result = {"aggregate": agg, "ratios": ratios, "runs": main_runs}
@@ -209,7 +221,7 @@ def report(runs: list[dict[str, Any]], mine: list[dict[str, Any]], *, out: Path,
                     if f"÷ {name}" in ln or ln.startswith("- final")],
                   *stability_lines({"runs": group}, cpu_clock=not gpu), "", f"![fashion {name} {lr:g}]({extra_png})",
                   ""]
-    lines += [tuning_section(mine, "python benchmarks/run_fashion.py --tune", "1e-3"), ""]
+    lines += [fashion_tuning(mine), ""]
     return "\n".join(lines)
 
 
@@ -237,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = retune(["fashion"], rows, args.out, args.jobs, resume=args.resume)
     mine = [r for r in rows if r["task"] == "fashion"]
     if args.tune_only:
-        print(tuning_section(mine, "python benchmarks/run_fashion.py --tune", "1e-3"))
+        print(fashion_tuning(mine))
         return 0
     if not mine:
         raise SystemExit(f"no Fashion-MNIST tuning rows in {TUNING_JSON}: run with --tune first")
@@ -274,8 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     device = args.device
     text = report(runs, mine, out=args.out, seeds=seeds, jobs=args.jobs, elapsed=elapsed, device=device,
                   left_out=left_out, log=args.from_log)
-    gpu = device != "cpu"
-    name = f"fashion_{card_slug(runs[0]['machine'].get('gpu', 'gpu'))}.md" if gpu else MD.name
+    name, _ = output_names(split_runs(runs)[0], device != "cpu")
     (args.out / name).write_text(text)
     print(text)
     return 0
