@@ -67,7 +67,7 @@ BASE = RunConfig(task="fashion", threads=1, iterations=1000, eval_every=100, tar
 def benchmark_configs(rows: list[dict[str, Any]], seeds: list[int]) -> list[RunConfig]:
     """The full-data runs: every optimizer with the setting its tuning rows keep, interleaved seed-major."""
     kept = best_settings(rows)
-    base = replace(BASE, snopt_eps=kept["snopt"][2])
+    base = replace(BASE, snopt_eps=kept["snopt"][2], snopt_kl_clip=kept["snopt"][3] or 0.0)
     return [replace(base, optimizer=name, lr=kept[name][1], seed=seed)  # type: ignore[arg-type]
             for seed in seeds for name in OPTIMIZERS]
 
@@ -159,7 +159,7 @@ def output_names(runs: list[dict[str, Any]], gpu: bool) -> tuple[str, str]:
 
 def fashion_tuning(rows: list[dict[str, Any]]) -> str:
     """The tuning section of Fashion-MNIST's rows."""
-    return tuning_section(rows, "python benchmarks/run_fashion.py --tune", "1e-3")
+    return tuning_section(rows, "python benchmarks/run_fashion.py --tune")
 
 
 def report(runs: list[dict[str, Any]], mine: list[dict[str, Any]], *, out: Path, seeds: list[int], jobs: int,

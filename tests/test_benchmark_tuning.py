@@ -7,6 +7,7 @@ settings the committed benchmark table measured.
 
 import importlib.util
 import json
+import math
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -30,8 +31,9 @@ def bench() -> ModuleType:
 
 
 def _row(opt: str, lr: float, eps: float | None, seed: int, *, tl: float | None, tm: float | None,
-         final: float = 0.97, diverged: bool = False) -> dict[str, Any]:
-    return {"task": "digits", "optimizer": opt, "lr": lr, "eps": eps, "seed": seed, "metric": "accuracy",
+         final: float = 0.97, diverged: bool = False, clip: float | None = None) -> dict[str, Any]:
+    return {"task": "digits", "optimizer": opt, "lr": lr, "eps": eps, "kl_clip": clip, "seed": seed,
+            "metric": "accuracy",
             "diverged": diverged, "final_test_metric": final, "target_metric": 0.95,
             "cpu_time_to_target_loss": tl, "cpu_time_to_target_metric": tm, "train_cpu_time": 20.0}
 
@@ -49,12 +51,12 @@ def test_scores(bench: ModuleType) -> None:
     slow = [_row("sgd", 0.03, None, s, tl=8.0, tm=9.0) for s in (0, 1)]
     short = [{**_row("sgd", 0.01, None, s, tl=None, tm=None), "train_cpu_time": 5.0} for s in (0, 1)]
     assert bench.setting_score(short) == (0, 4, -0.97, 10.0) and bench.setting_score(slow) == (0, 0, 0.0, 17.0)
-    assert bench.best_settings(slow + short)["sgd"] == ("sgd", 0.03, None)
+    assert bench.best_settings(slow + short)["sgd"] == ("sgd", 0.03, None, None)
     # among settings that miss every target, the one ending closer to it wins, not the one with cheaper runs
     cheap = [{**_row("sgd", 0.01, None, s, tl=None, tm=None, final=0.73), "train_cpu_time": 50.0} for s in (0, 1)]
     close = [{**_row("sgd", 0.03, None, s, tl=None, tm=None, final=0.77), "train_cpu_time": 60.0} for s in (0, 1)]
     assert bench.setting_score(cheap)[:2] == bench.setting_score(close)[:2] == (1, 4)
-    assert bench.best_settings(cheap + close)["sgd"] == ("sgd", 0.03, None)
+    assert bench.best_settings(cheap + close)["sgd"] == ("sgd", 0.03, None, None)
     nan = [{"metric": "nll", "final_test_metric": float("nan")}]
     assert bench.setting_score(nan)[0] == 2
 
@@ -68,11 +70,11 @@ def test_best_settings_uses_every_seed(bench: ModuleType) -> None:
         _row("snopt", 0.1, 0.03, 0, tl=3.0, tm=3.0), _row("snopt", 0.1, 0.03, 1, tl=4.0, tm=4.0),
         _row("adam", 0.01, None, 0, tl=5.0, tm=5.0), _row("adam", 0.01, None, 1, tl=5.0, tm=5.0),
     ]
-    assert bench.best_settings(rows) == {"snopt": ("snopt", 0.1, 0.01), "adam": ("adam", 0.01, None)}
+    assert bench.best_settings(rows) == {"snopt": ("snopt", 0.1, 0.01, None), "adam": ("adam", 0.01, None, None)}
     # fast on average but ending far below the accuracy target: loses to a slower setting that keeps it
     rows2 = rows + [_row("adam", 0.03, None, 0, tl=0.5, tm=0.5, final=0.6), _row("adam", 0.03, None, 1, tl=0.5,
                                                                                  tm=0.5, final=0.7)]
-    assert bench.best_settings(rows2)["adam"] == ("adam", 0.01, None)
+    assert bench.best_settings(rows2)["adam"] == ("adam", 0.01, None, None)
 
 
 def test_ladder(bench: ModuleType) -> None:
@@ -81,37 +83,43 @@ def test_ladder(bench: ModuleType) -> None:
 
 
 def test_tune_extends_while_the_best_is_at_an_end(bench: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Adam's landscape improves without end as lr grows; SNOpt's optimum is inside in lr, below the eps grid."""
+    """Adam's landscape improves without end as lr grows; SNOpt's optimum is inside in lr, below the eps grid,
+    and three rungs above the trust region's start (one more than the extension budget reaches)."""
     calls: list[tuple[Any, ...]] = []
 
-    def fake(task: str, setting: tuple[str, float, float | None], seed: int, iterations: int | None
-             ) -> dict[str, Any]:
-        name, lr, eps = setting
-        calls.append((name, lr, eps, seed))
+    def fake(task: str, setting: tuple[str, float, float | None, float | None], seed: int,
+             iterations: int | None) -> dict[str, Any]:
+        name, lr, eps, clip = setting
+        calls.append((name, lr, eps, clip, seed))
         if name == "adam":
             t = 10.0 / lr ** 0.1
         elif name == "snopt":
-            assert eps is not None
-            t = 5.0 + abs(lr - 0.1) + eps
+            assert eps is not None and clip is not None
+            t = 5.0 + abs(lr - 0.1) + eps + abs(math.log10(clip / 0.03))
         else:
+            assert clip is None
             t = 9.0 + abs(lr - 0.1)
-        return _row(name, lr, eps, seed, tl=t, tm=t)
+        return _row(name, lr, eps, seed, tl=t, tm=t, clip=clip)
 
     monkeypatch.setattr(bench, "_tuning_run", fake)
     rows = bench.tune("digits", None, 2, echo=False)
-    keys = {(r["optimizer"], r["lr"], r["eps"]) for r in rows}
+    keys = {(r["optimizer"], r["lr"], r["eps"], r["kl_clip"]) for r in rows}
     assert len(rows) == len(calls) == len(bench.TUNING_SEEDS) * len(keys)  # every setting on every tuning seed, once
     assert {r["seed"] for r in rows} == set(bench.TUNING_SEEDS)
-    adam = sorted(lr for o, lr, _ in keys if o == "adam")
+    adam = sorted(lr for o, lr, *_ in keys if o == "adam")
     assert adam == [0.003, 0.01, 0.03, 0.1, 0.3]  # two rungs up, then the extension budget is spent
-    snopt_eps = sorted({e for o, _, e in keys if o == "snopt"})
+    snopt_eps = sorted({e for o, _, e, _ in keys if o == "snopt"})
     assert snopt_eps == [0.0003, 0.001, 0.003, 0.01, 0.03, 0.1]  # eps extended down twice at the best lr
-    assert {lr for o, lr, e in keys if o == "snopt" and e == 0.0003} == {0.1}
-    assert sorted(lr for o, lr, _ in keys if o == "sgd") == [0.03, 0.1, 0.3]  # best inside: no extension
-    assert bench.best_settings(rows) == {"snopt": ("snopt", 0.1, 0.0003), "adam": ("adam", 0.3, None),
-                                         "sgd": ("sgd", 0.1, None)}
+    assert bench.CLIP_START["digits"] == 0.001
+    assert {c for o, _, _, c in keys if o == "snopt"} == {0.0003, 0.001, 0.003, 0.01}  # 1 rung down, 2 up
+    # the trust region is searched after lr and eps, at their kept values
+    assert {(lr, e) for o, lr, e, c in keys if o == "snopt" and c != 0.001} == {(0.1, 0.0003)}
+    assert sorted(lr for o, lr, *_ in keys if o == "sgd") == [0.03, 0.1, 0.3]  # best inside: no extension
+    assert bench.best_settings(rows) == {"snopt": ("snopt", 0.1, 0.0003, 0.01), "adam": ("adam", 0.3, None, None),
+                                         "sgd": ("sgd", 0.1, None, None)}
     text = bench.tuning_section(rows)
-    assert text.count("**kept**") == 3 and "| digits | adam | 0.3 |" in text
+    assert text.count("**kept**") == 3 and "| digits | adam | 0.3 |  |  |" in text
+    assert "| digits | snopt | 0.1 | 0.0003 | 0.01 |" in text and "digits 0.001" in text
 
 
 def test_committed_tuning_selects_the_presets(bench: ModuleType) -> None:
@@ -122,23 +130,24 @@ def test_committed_tuning_selects_the_presets(bench: ModuleType) -> None:
     for task in tasks:
         kept = bench.best_settings([r for r in rows if r["task"] == task])
         defaults = task_defaults(bench.TUNING_TASKS[task])
-        for name, (_, lr, eps) in kept.items():
+        for name, (_, lr, eps, clip) in kept.items():
             assert defaults.lr[name] == pytest.approx(lr), (task, name)
             if name == "snopt":
                 assert defaults.snopt_eps == pytest.approx(eps), task
+                assert defaults.snopt_kl_clip == pytest.approx(clip), task
         seeds = {int(r["seed"]) for r in rows if r["task"] == task}
         assert seeds == set(bench.TUNING_SEEDS) and not seeds & {0, 1, 2}  # tuning seeds are never reported
 
 
 def test_tune_resumes_from_saved_rows(bench: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
     """An interrupted tuning reuses its saved runs and saves as it goes; the result equals an uninterrupted one."""
-    calls: list[tuple[str, float, float | None, int]] = []
+    calls: list[tuple[Any, ...]] = []
 
-    def fake(task: str, setting: tuple[str, float, float | None], seed: int, iterations: int | None
-             ) -> dict[str, Any]:
+    def fake(task: str, setting: tuple[str, float, float | None, float | None], seed: int,
+             iterations: int | None) -> dict[str, Any]:
         calls.append((*setting, seed))
-        t = 5.0 + abs(setting[1] - 0.1) + (setting[2] or 0.0) + 0.1 * seed
-        return _row(setting[0], setting[1], setting[2], seed, tl=t, tm=t)
+        t = 5.0 + abs(setting[1] - 0.1) + (setting[2] or 0.0) + (setting[3] or 0.0) + 0.1 * seed
+        return _row(setting[0], setting[1], setting[2], seed, tl=t, tm=t, clip=setting[3])
 
     monkeypatch.setattr(bench, "_tuning_run", fake)
     saved: list[list[dict[str, Any]]] = []
@@ -158,14 +167,16 @@ def test_fashion_benchmark_trains_the_kept_settings(bench: ModuleType) -> None:
     assert spec is not None and spec.loader is not None
     fashion = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(fashion)
-    rows = [{**_row(o, lr, eps, s, tl=t, tm=t), "task": "fashion"} for s in (100, 101)
+    rows = [{**_row(o, lr, eps, s, tl=t, tm=t, clip=0.003 if o == "snopt" else None), "task": "fashion"}
+            for s in (100, 101)
             for o, lr, eps, t in (("snopt", 0.3, 0.03, 4.0), ("snopt", 0.3, 0.1, 5.0), ("snopt", 1.0, 0.03, 6.0),
                                   ("adam", 0.003, None, 7.0), ("adam", 0.01, None, 8.0), ("sgd", 0.03, None, 9.0))]
     cfgs = fashion.benchmark_configs(rows, [0, 1])
     assert [(c.seed, c.optimizer, c.lr) for c in cfgs] == [
         (0, "snopt", 0.3), (0, "adam", 0.003), (0, "sgd", 0.03), (1, "snopt", 0.3), (1, "adam", 0.003),
         (1, "sgd", 0.03)]
-    assert all(c.snopt_eps == 0.03 and c.task == "fashion" and c.options["subset"] is None for c in cfgs)
+    assert all(c.snopt_eps == 0.03 and c.snopt_kl_clip == 0.003 and c.task == "fashion"
+               and c.options["subset"] is None for c in cfgs)
 
 
 def test_committed_rows_are_what_the_protocol_runs(bench: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -176,12 +187,12 @@ def test_committed_rows_are_what_the_protocol_runs(bench: ModuleType, monkeypatc
     """
     rows = json.loads(bench.TUNING_JSON.read_text())
 
-    def not_committed(task: str, setting: tuple[str, float, float | None], seed: int, iterations: int | None
-                      ) -> dict[str, Any]:
+    def not_committed(task: str, setting: tuple[str, float, float | None, float | None], seed: int,
+                      iterations: int | None) -> dict[str, Any]:
         raise AssertionError(f"the protocol runs {task} {setting} seed {seed}, which the record lacks")
 
     def runs(rs: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
-        return sorted((r["optimizer"], r["lr"], r["eps"], r["seed"]) for r in rs)
+        return sorted((r["optimizer"], r["lr"], r["eps"] or 0.0, r["kl_clip"] or 0.0, r["seed"]) for r in rs)
 
     monkeypatch.setattr(bench, "_tuning_run", not_committed)
     for task in bench.TUNING_TASKS:
@@ -194,11 +205,11 @@ def test_retune_keeps_other_tasks_and_saves_as_it_goes(bench: ModuleType, monkey
     """`retune` (both benchmark scripts' --tune) replaces only its tasks' rows, and its file equals what it returns."""
     calls: list[tuple[Any, ...]] = []
 
-    def fake(task: str, setting: tuple[str, float, float | None], seed: int, iterations: int | None
-             ) -> dict[str, Any]:
+    def fake(task: str, setting: tuple[str, float, float | None, float | None], seed: int,
+             iterations: int | None) -> dict[str, Any]:
         calls.append((task, *setting, seed))
         t = 5.0 + abs(setting[1] - 0.1) + (setting[2] or 0.0)
-        return {**_row(setting[0], setting[1], setting[2], seed, tl=t, tm=t), "task": task}
+        return {**_row(setting[0], setting[1], setting[2], seed, tl=t, tm=t, clip=setting[3]), "task": task}
 
     monkeypatch.setattr(bench, "_tuning_run", fake)
     other = {**_row("adam", 0.01, None, 100, tl=1.0, tm=1.0), "task": "cnf"}
