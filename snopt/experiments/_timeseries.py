@@ -61,7 +61,7 @@ def timeseries_defaults(dataset: str, preset: str) -> TaskDefaults:
         return TaskDefaults(
             iterations=100, batch_size=40, eval_every=5, lr={"adam": 0.03, "sgd": 0.3, "snopt": 0.3}, target_loss=0.1,
             target_metric=0.9, snopt_eps=0.02, snopt_freq=25, snopt_kl_clip=3e-3, options={**options, "stride": 4})
-    return TaskDefaults(  # lr and SNOpt's eps: benchmarks/run_applications.py --tune
+    return TaskDefaults(  # lr, SNOpt's eps and kl_clip: benchmarks/run_applications.py --tune
         iterations=60, batch_size=64, eval_every=2, lr={"adam": 0.03, "sgd": 1.0, "snopt": 0.03}, target_loss=0.05,
         target_metric=0.95, snopt_eps=0.01, snopt_freq=25, snopt_kl_clip=3e-3, options=options)
 
