@@ -302,8 +302,9 @@ def tuning_section(rows: list[dict[str, Any]], command: str = "python benchmarks
              "While the best setting sits at an end of its grid along an axis (the values tried with the best "
              "setting's other coordinates), the grid is extended by one rung along that axis (at most "
              f"{MAX_EXTEND} rungs each way per axis). Then SNOpt's trust region `kl_clip`, held at a hand-set value "
-             "so far (" + ", ".join(f"{TASK_WORDS[t]} {_clip_words(CLIP_START[t])}" for t in tasks)
-             + "), is searched the same way at the kept (lr, eps), from that one value (a rung each way first). "
+             "until then (" + ", ".join(f"{TASK_WORDS[t]} {_clip_words(CLIP_START[t])}" for t in tasks)
+             + "; off is not searched), is searched the same way at the kept (lr, eps), starting from that one "
+             "value (so a rung each way first). "
              "Kept per optimizer — classification: the smallest score = mean "
              "over the seeds of (CPU s to the train-loss target + CPU s to the test-accuracy target), a missed "
              "target counting as the run's whole training time, among the settings whose mean final test accuracy "

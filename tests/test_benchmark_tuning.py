@@ -221,3 +221,17 @@ def test_retune_keeps_other_tasks_and_saves_as_it_goes(bench: ModuleType, monkey
     calls.clear()
     assert bench.retune(["fashion"], [other], tmp_path, 1, resume=True) == rows and not calls  # all reused
     assert n == len(rows) - 1
+
+
+def test_committed_tuning_sections_are_generated_from_the_record(bench: ModuleType) -> None:
+    """Each committed results file's tuning section is what the code writes from the committed rows (no drift)."""
+    spec = importlib.util.spec_from_file_location("run_fashion", ROOT / "benchmarks" / "run_fashion.py")
+    assert spec is not None and spec.loader is not None
+    fashion = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fashion)
+    rows = json.loads(bench.TUNING_JSON.read_text())
+    expected = {"applications_cpu.md": bench.tuning_section([r for r in rows if r["task"] in bench.TASKS]),
+                "fashion_cpu.md": fashion.fashion_tuning([r for r in rows if r["task"] == "fashion"])}
+    for name, section in expected.items():
+        text = (bench.RESULTS / name).read_text()
+        assert text[text.index("## Tuning (tuning seeds, not reported)"):] == section + "\n", name
