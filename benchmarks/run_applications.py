@@ -392,6 +392,13 @@ def overhead_lines(result: dict[str, Any]) -> list[str]:
                    f"iterations (every {freq}th, eigendecomposition included) vs {1e3 * statistics.median(rest):.0f} "
                    f"ms on the others ({statistics.median(coll) / statistics.median(rest):.2f}×)")
     agg = result["aggregate"]
+    active, scale = agg["snopt"].get("trust_region_active", {}), agg["snopt"].get("median_clip_scale", {})
+    if active.get("mean") is not None:
+        clip = next(r["resolved"]["snopt_kl_clip"] for r in result["runs"] if r["config"]["optimizer"] == "snopt")
+        out.append(f"- SNOpt's trust region (kl_clip {clip:g}) scaled the "
+                   f"step down on {100 * active['mean']:.0f} ± {100 * active['std']:.0f} % of iterations (median "
+                   f"scale ν {scale['mean']:.2f} ± {scale['std']:.2f}): there the step length is set by kl_clip, "
+                   "not by the learning rate")
     for other in ("adam", "sgd"):
         a, b = agg["snopt"]["mean_step_time"]["mean"], agg.get(other, {}).get("mean_step_time", {}).get("mean")
         if a and b:

@@ -235,3 +235,22 @@ def test_committed_tuning_sections_are_generated_from_the_record(bench: ModuleTy
     for name, section in expected.items():
         text = (bench.RESULTS / name).read_text()
         assert text[text.index("## Tuning (tuning seeds, not reported)"):] == section + "\n", name
+
+
+def test_overhead_lines_report_the_trust_region(bench: ModuleType) -> None:
+    """The benchmark says how often SNOpt's trust region set its step, from the runs' records; silent without one."""
+    def run_(opt: str, clip: float | None) -> dict[str, Any]:
+        return {"config": {"optimizer": opt}, "resolved": {"snopt_freq": 2, "snopt_kl_clip": clip},
+                "history": {"iteration": [1, 2, 3, 4], "step_time": [0.2, 0.1, 0.2, 0.1]}}
+
+    def stat(mean: float | None, std: float | None) -> dict[str, Any]:
+        return {"mean": mean, "std": std}
+
+    agg = {"snopt": {"trust_region_active": stat(0.75, 0.05), "median_clip_scale": stat(0.4, 0.1),
+                     "mean_step_time": stat(0.15, 0.0)}, "adam": {"mean_step_time": stat(0.1, 0.0)}}
+    lines = bench.overhead_lines({"runs": [run_("snopt", 0.003), run_("adam", None)], "aggregate": agg})
+    assert any("kl_clip 0.003" in ln and "75 ± 5 % of iterations" in ln and "ν 0.40 ± 0.10" in ln for ln in lines)
+    assert any("SNOpt ÷ adam: 1.50" in ln for ln in lines)
+    agg["snopt"].update(trust_region_active=stat(None, None), median_clip_scale=stat(None, None))
+    off = bench.overhead_lines({"runs": [run_("snopt", None), run_("adam", None)], "aggregate": agg})
+    assert not any("trust region" in ln for ln in off) and len(off) == len(lines) - 1

@@ -262,6 +262,26 @@ def test_snopt_kl_clip_reaches_the_optimizer(given: float | None, expected: floa
     assert isinstance(opt, snopt.SNOpt) and opt.kl_clip == expected
 
 
+@pytest.mark.parametrize(("optimizer", "kl_clip", "active"), [("snopt", 1e-9, 1.0), ("snopt", 1e6, 0.0),
+                                                           ("snopt", 0.0, None), ("adam", None, None)])
+def test_the_record_says_how_often_the_trust_region_bound(optimizer: str, kl_clip: float | None,
+                                                          active: float | None) -> None:
+    # A tiny kl_clip scales every step down, a huge one none; without a trust region there is nothing to record.
+    cfg = RunConfig(task="digits", optimizer=optimizer, iterations=4, batch_size=32, eval_every=4, snopt_freq=2,
+                    snopt_kl_clip=kl_clip, options={"hidden": 4, "eval_train": 50})
+    r = train(cfg)
+    s = r["summary"]
+    assert s["trust_region_active"] == active
+    if active is None:
+        assert "clip_scale" not in r["history"] and s["median_clip_scale"] is None
+    else:
+        scale = r["history"]["clip_scale"]
+        assert len(scale) == 4 and all(0.0 < v <= 1.0 for v in scale)
+        assert (s["median_clip_scale"] < 1e-2) if active == 1.0 else (s["median_clip_scale"] == 1.0)
+        agg = aggregate([r])["snopt"]
+        assert agg["trust_region_active"]["mean"] == active
+
+
 def test_snopt_kl_clip_must_not_be_negative() -> None:
     with pytest.raises(ValueError, match="snopt_kl_clip"):
         RunConfig(task="digits", snopt_kl_clip=-1.0)

@@ -207,7 +207,8 @@ def _train(cfg: RunConfig, *, quiet: bool) -> dict[str, Any]:
     defaults = task_defaults(cfg)
     res = resolve(cfg, defaults)
     task = make_task(cfg, res, device)
-    step, _ = make_stepper(cfg, res, task)
+    step, opt = make_stepper(cfg, res, task)
+    trust = opt if isinstance(opt, SNOpt) and opt.kl_clip is not None else None  # records its step scale ν
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     rss_start = peak_rss_mib()
@@ -251,6 +252,8 @@ def _train(cfg: RunConfig, *, quiet: bool) -> dict[str, Any]:
             hist["loss"].append(loss)
             hist["nfe_forward"].append(sum(s.nfe_forward for s in stats))
             hist["nfe_backward"].append(sum(s.nfe_backward for s in stats))
+            if trust is not None:
+                hist.setdefault("clip_scale", []).append(trust.last_clip)
             nfe = hist["nfe_forward"][-1] + hist["nfe_backward"][-1]
             if not math.isfinite(loss):
                 diverged = f"iteration {it}: non-finite loss"
@@ -339,7 +342,9 @@ def summarize(result: dict[str, Any], *, target_metric: float | None = None) -> 
         final/best test metric, final training loss, time (wall and CPU), iterations and
         function evaluations (forward + backward, summed over the training iterations) to the
         loss and metric targets (None if not reached), mean/median step time, mean
-        forward/backward NFE per iteration, peak RSS / CUDA memory, total training time.
+        forward/backward NFE per iteration, peak RSS / CUDA memory, total training time; for
+        SNOpt with a trust region, the fraction of steps it scaled down (``trust_region_active``)
+        and the median scale ν (``median_clip_scale``; both None otherwise).
     """
     ev, hist, res = result["evals"], result["history"], result["resolved"]
     higher = bool(result["task"]["higher_is_better"])
@@ -371,6 +376,9 @@ def summarize(result: dict[str, Any], *, target_metric: float | None = None) -> 
         "peak_rss_mib": result["memory"]["peak_rss_mib"], "peak_cuda_mib": result["memory"]["peak_cuda_mib"],
         "diverged": result["diverged"] is not None,
     }
+    scale = hist.get("clip_scale") or []
+    out["trust_region_active"] = sum(v < 1.0 for v in scale) / len(scale) if scale else None
+    out["median_clip_scale"] = statistics.median(scale) if scale else None
     if "val_metric" in ev and any(v is not None for v in ev["val_metric"]):
         vals = [(v, i) for i, v in enumerate(ev["val_metric"]) if v is not None]
         best = (max if higher else min)(vals)[1]
@@ -489,7 +497,7 @@ _AGG_KEYS = ("final_test_metric", "best_test_metric", "final_train_loss", "time_
              "iterations_to_target_loss", "iterations_to_target_metric", "nfe_to_target_loss",
              "nfe_to_target_metric", "mean_step_time", "median_step_time",
              "mean_nfe_forward", "mean_nfe_backward", "peak_rss_mib", "peak_cuda_mib", "train_time",
-             "train_cpu_time", "test_metric_at_best_val")
+             "train_cpu_time", "test_metric_at_best_val", "trust_region_active", "median_clip_scale")
 
 
 # A run that misses a target counts as having spent its whole run on it (a lower bound on its cost).
