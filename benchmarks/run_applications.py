@@ -398,7 +398,9 @@ def overhead_lines(result: dict[str, Any]) -> list[str]:
         out.append(f"- SNOpt's trust region (kl_clip {clip:g}) scaled the "
                    f"step down on {100 * active['mean']:.0f} ± {100 * active['std']:.0f} % of iterations (median "
                    f"scale ν {scale['mean']:.2f} ± {scale['std']:.2f}): there the step length is set by kl_clip, "
-                   "not by the learning rate")
+                   "not by the learning rate"
+                   + (f" ({active['n']} of {len(active['values'])} seeds: the other records predate this statistic)"
+                      if active["n"] < len(active["values"]) else ""))
     for other in ("adam", "sgd"):
         a, b = agg["snopt"]["mean_step_time"]["mean"], agg.get(other, {}).get("mean_step_time", {}).get("mean")
         if a and b:

@@ -243,14 +243,20 @@ def test_overhead_lines_report_the_trust_region(bench: ModuleType) -> None:
         return {"config": {"optimizer": opt}, "resolved": {"snopt_freq": 2, "snopt_kl_clip": clip},
                 "history": {"iteration": [1, 2, 3, 4], "step_time": [0.2, 0.1, 0.2, 0.1]}}
 
-    def stat(mean: float | None, std: float | None) -> dict[str, Any]:
-        return {"mean": mean, "std": std}
+    def stat(mean: float | None, std: float | None, values: list[float | None] | None = None) -> dict[str, Any]:
+        values = [mean, mean] if values is None else values
+        return {"mean": mean, "std": std, "values": values, "n": sum(v is not None for v in values)}
 
     agg = {"snopt": {"trust_region_active": stat(0.75, 0.05), "median_clip_scale": stat(0.4, 0.1),
                      "mean_step_time": stat(0.15, 0.0)}, "adam": {"mean_step_time": stat(0.1, 0.0)}}
     lines = bench.overhead_lines({"runs": [run_("snopt", 0.003), run_("adam", None)], "aggregate": agg})
     assert any("kl_clip 0.003" in ln and "75 ± 5 % of iterations" in ln and "ν 0.40 ± 0.10" in ln for ln in lines)
     assert any("SNOpt ÷ adam: 1.50" in ln for ln in lines)
+    assert not any("seeds:" in ln for ln in lines)
+    # Records written before the runner kept ν (an older lease's seed) are named, not averaged in silently.
+    agg["snopt"]["trust_region_active"] = stat(0.75, 0.05, [None, 0.7, 0.8])
+    partial = bench.overhead_lines({"runs": [run_("snopt", 0.003), run_("adam", None)], "aggregate": agg})
+    assert any("75 ± 5 % of iterations" in ln and "(2 of 3 seeds: the other records predate" in ln for ln in partial)
     agg["snopt"].update(trust_region_active=stat(None, None), median_clip_scale=stat(None, None))
     off = bench.overhead_lines({"runs": [run_("snopt", None), run_("adam", None)], "aggregate": agg})
     assert not any("trust region" in ln for ln in off) and len(off) == len(lines) - 1
