@@ -75,6 +75,7 @@ LR_GRIDS: dict[str, dict[str, list[float]]] = {
 }
 EPS_GRID = [0.003, 0.01, 0.03, 0.1]
 MAX_EXTEND = 2
+MAX_ROUNDS = 3  # of the (lr, eps) / kl_clip coordinate descent
 LADDER = sorted(round(m * 10.0 ** k, 12) for k in range(-6, 3) for m in (1, 3))
 TUNING_JSON = RESULTS / "applications_tuning_cpu.json"
 TARGET_RATIO = 0.5
@@ -233,15 +234,25 @@ def tune(task: str, iterations: int | None, jobs: int, echo: bool, *,
         if save is not None:
             save(rows)
 
+    def kept(name: str) -> Setting:
+        return best_settings([r for r in rows if r["optimizer"] == name])[name]
+
     for name, grid in LR_GRIDS[task].items():
         snopt = name == "snopt"
         run_all([(name, lr, eps, CLIP_START[task] if snopt else None)
                  for lr in grid for eps in (EPS_GRID if snopt else [None])])
-        for axes in (("lr", "eps"), ("kl_clip",)):  # then the trust region, at the kept (lr, eps)
-            extended: dict[str, int] = {}
-            while new := [st for st in extensions(rows, name, extended, axes)
-                          if st not in {_key(r) for r in rows}]:
-                run_all(new)
+        # Coordinate descent: (lr, eps), then the trust region at the kept (lr, eps); while the trust
+        # region moves the kept setting, (lr, eps) again around it. The extension budgets span the rounds.
+        budgets: dict[tuple[str, ...], dict[str, int]] = {("lr", "eps"): {}, ("kl_clip",): {}}
+        for _ in range(MAX_ROUNDS):
+            for axes, extended in budgets.items():
+                while new := [st for st in extensions(rows, name, extended, axes)
+                              if st not in {_key(r) for r in rows}]:
+                    run_all(new)
+                if axes == ("lr", "eps"):
+                    before_clip = kept(name)
+            if kept(name) == before_clip:
+                break
     return rows
 
 
@@ -258,7 +269,8 @@ def retune(tasks: list[str], rows: list[dict[str, Any]], out: Path, jobs: int, *
         quick: A third of each task's iterations (a check, not the record).
 
     Returns:
-        The other tasks' rows, then the new rows of `tasks`.
+        The rows, the new ones of `tasks` in place of theirs, grouped by task in `TUNING_TASKS` order (so
+        a retuned task's rows stay where they were in the record and its diff shows only what changed).
     """
     out_json = out / TUNING_JSON.name
     out.mkdir(parents=True, exist_ok=True)
@@ -272,6 +284,8 @@ def retune(tasks: list[str], rows: list[dict[str, Any]], out: Path, jobs: int, *
         def save(so_far: list[dict[str, Any]], before: list[dict[str, Any]] = kept_rows) -> None:
             out_json.write_text(json.dumps(before + so_far, indent=0) + "\n")
         rows = kept_rows + tune(task, iters, jobs, echo=True, done=partial, save=save)
+        order = list(TUNING_TASKS)
+        rows.sort(key=lambda r: order.index(r["task"]) if r["task"] in order else len(order))  # stable
         save(rows, [])
     print(f"wrote {out_json}")
     return rows
@@ -304,7 +318,9 @@ def tuning_section(rows: list[dict[str, Any]], command: str = "python benchmarks
              f"{MAX_EXTEND} rungs each way per axis). Then SNOpt's trust region `kl_clip`, held at a hand-set value "
              "until then (" + ", ".join(f"{TASK_WORDS[t]} {_clip_words(CLIP_START[t])}" for t in tasks)
              + "; off is not searched), is searched the same way at the kept (lr, eps), starting from that one "
-             "value (so a rung each way first). "
+             "value (so a rung each way first). Where that moves the kept setting, (lr, eps) are searched again "
+             "around the new one the same way, then `kl_clip` again, until a round leaves it where it was (at "
+             f"most {MAX_ROUNDS} rounds; the extension budgets span the rounds). "
              "Kept per optimizer — classification: the smallest score = mean "
              "over the seeds of (CPU s to the train-loss target + CPU s to the test-accuracy target), a missed "
              "target counting as the run's whole training time, among the settings whose mean final test accuracy "

@@ -112,14 +112,44 @@ def test_tune_extends_while_the_best_is_at_an_end(bench: ModuleType, monkeypatch
     assert snopt_eps == [0.0003, 0.001, 0.003, 0.01, 0.03, 0.1]  # eps extended down twice at the best lr
     assert bench.CLIP_START["digits"] == 0.001
     assert {c for o, _, _, c in keys if o == "snopt"} == {0.0003, 0.001, 0.003, 0.01}  # 1 rung down, 2 up
-    # the trust region is searched after lr and eps, at their kept values
-    assert {(lr, e) for o, lr, e, c in keys if o == "snopt" and c != 0.001} == {(0.1, 0.0003)}
+    # the trust region is searched after lr and eps, at their kept values; as it moved the kept setting,
+    # (lr, eps) are probed again around the new one, within the budgets left: lr's two rungs each way went
+    # to the first round's probes at eps 0.001 and 0.0003, eps's downward two to reaching 0.0003
+    assert {(lr, e) for o, lr, e, c in keys if o == "snopt" and c not in (0.001, 0.01)} == {(0.1, 0.0003)}
+    assert {(lr, e) for o, lr, e, c in keys if o == "snopt" and c == 0.01} == {(0.1, 0.0003), (0.1, 0.001)}
     assert sorted(lr for o, lr, *_ in keys if o == "sgd") == [0.03, 0.1, 0.3]  # best inside: no extension
     assert bench.best_settings(rows) == {"snopt": ("snopt", 0.1, 0.0003, 0.01), "adam": ("adam", 0.3, None, None),
                                          "sgd": ("sgd", 0.1, None, None)}
     text = bench.tuning_section(rows)
     assert text.count("**kept**") == 3 and "| digits | adam | 0.3 |  |  |" in text
     assert "| digits | snopt | 0.1 | 0.0003 | 0.01 |" in text and "digits 0.001" in text
+
+
+def test_tune_searches_lr_again_where_the_trust_region_moved(bench: ModuleType,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the best lr depends on kl_clip (it scales the step), one sweep stops short; the rounds do not.
+
+    SNOpt's landscape: the best lr is 100 × kl_clip, with a pull towards kl_clip 0.01. The first round keeps
+    lr 0.1 (best at the starting kl_clip 0.001), then moves kl_clip to 0.01; the second moves lr to 1.0 and
+    finds kl_clip still best at 0.01, so the search stops.
+    """
+    def fake(task: str, setting: tuple[str, float, float | None, float | None], seed: int,
+             iterations: int | None) -> dict[str, Any]:
+        name, lr, eps, clip = setting
+        if name != "snopt":
+            return _row(name, lr, eps, seed, tl=9.0, tm=9.0, clip=clip)
+        assert eps is not None and clip is not None
+        t = (5.0 + 0.5 * abs(math.log10(lr) - math.log10(clip) - 2) + abs(math.log10(clip / 0.01))
+             + (0.0 if eps == 0.03 else 1.0))
+        return _row(name, lr, eps, seed, tl=t, tm=t, clip=clip)
+
+    monkeypatch.setattr(bench, "_tuning_run", fake)
+    rows = [r for r in bench.tune("digits", None, 2, echo=False) if r["optimizer"] == "snopt"]
+    assert bench.best_settings(rows)["snopt"] == ("snopt", 1.0, 0.03, 0.01)
+    tried = {(r["lr"], r["eps"], r["kl_clip"]) for r in rows}
+    assert {(lr, c) for lr, _, c in tried if c != 0.001} == {(0.1, 0.0003), (0.1, 0.003), (0.1, 0.01), (0.03, 0.01),
+                                                            (0.3, 0.01), (1.0, 0.01), (1.0, 0.003)}
+    assert (1.0, 0.03, 0.03) not in tried  # kl_clip's upward budget was spent in the first round
 
 
 def test_committed_tuning_selects_the_presets(bench: ModuleType) -> None:
@@ -221,6 +251,10 @@ def test_retune_keeps_other_tasks_and_saves_as_it_goes(bench: ModuleType, monkey
     calls.clear()
     assert bench.retune(["fashion"], [other], tmp_path, 1, resume=True) == rows and not calls  # all reused
     assert n == len(rows) - 1
+    # a retuned task keeps its place in the record (tasks in TUNING_TASKS order), not moved to the end
+    later = {**other, "task": "digits"}
+    again = bench.retune(["cnf"], [later, other, *rows[1:]], tmp_path / "again", 1, resume=False)
+    assert [r["task"] for r in again][:2] == ["digits", "cnf"] and again[-1]["task"] == "fashion"
 
 
 def test_committed_tuning_sections_are_generated_from_the_record(bench: ModuleType) -> None:
