@@ -31,11 +31,10 @@ def image_defaults(dataset: str, preset: str) -> TaskDefaults:
     ``benchmarks/results/applications_cpu.md``); the ``fast`` Fashion-MNIST ones (a 10k/2k subset,
     300 iterations) are what ``benchmarks/run_fashion.py --tune`` keeps by the same protocol
     (``benchmarks/results/fashion_cpu.md``), and its full-data benchmark trains them. The adjoint's
-    error norm is the seminorm (the parameter
-    adjoint left out of step-size control: the mixed norm made SNOpt's backward solves 2–4× longer
-    as training went on); ``paper``
-    uses the paper's MNIST settings (batch 128, width 64, Adam 1e-3, SGD 0.02 with momentum
-    0.9, SNOpt on SGD 0.02 with eps 0.05 and update_freq 100).
+    error norm is the seminorm (the parameter adjoint left out of step-size control: the mixed norm
+    made SNOpt's backward solves 2–4× longer as training went on). ``paper`` uses the paper's MNIST
+    settings (batch 128, width 64, Adam 1e-3, SGD 0.02 with momentum 0.9, SNOpt on SGD 0.02 with
+    eps 0.05 and update_freq 100).
 
     Args:
         dataset: ``"digits"`` or ``"fashion"``.
