@@ -237,21 +237,23 @@ def tune(task: str, iterations: int | None, jobs: int, echo: bool, *,
     def kept(name: str) -> Setting:
         return best_settings([r for r in rows if r["optimizer"] == name])[name]
 
+    def extend(name: str, axes: tuple[str, ...], extended: dict[str, int]) -> None:
+        while new := [st for st in extensions(rows, name, extended, axes) if st not in {_key(r) for r in rows}]:
+            run_all(new)
+
     for name, grid in LR_GRIDS[task].items():
         snopt = name == "snopt"
         run_all([(name, lr, eps, CLIP_START[task] if snopt else None)
                  for lr in grid for eps in (EPS_GRID if snopt else [None])])
         # Coordinate descent: (lr, eps), then the trust region at the kept (lr, eps); while the trust
         # region moves the kept setting, (lr, eps) again around it. The extension budgets span the rounds.
-        budgets: dict[tuple[str, ...], dict[str, int]] = {("lr", "eps"): {}, ("kl_clip",): {}}
+        lr_eps_budget: dict[str, int] = {}
+        clip_budget: dict[str, int] = {}
         for _ in range(MAX_ROUNDS):
-            for axes, extended in budgets.items():
-                while new := [st for st in extensions(rows, name, extended, axes)
-                              if st not in {_key(r) for r in rows}]:
-                    run_all(new)
-                if axes == ("lr", "eps"):
-                    before_clip = kept(name)
-            if kept(name) == before_clip:
+            extend(name, ("lr", "eps"), lr_eps_budget)
+            before = kept(name)
+            extend(name, ("kl_clip",), clip_budget)
+            if kept(name) == before:
                 break
     return rows
 
