@@ -229,6 +229,46 @@ def test_kl_clip_bounds_the_predicted_change_and_rejects_bad_values() -> None:
             snopt.SNOpt(model, torch.optim.SGD(model.parameters(), lr=0.1), kl_clip=bad)
 
 
+def _displacement(name: str, *, lr: float, kl_clip: float | None, full_precond: bool = True,
+                  steps: int = 4) -> tuple[Tensor, list[float]]:
+    """All parameters' change over `steps` SNOpt steps over SGD(lr, momentum 0.9), and each step's ν."""
+    make, shape = MODELS[name]
+    model = make()
+    x, y = _data(shape)
+    start = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    opt = snopt.SNOpt(model, torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9), eps=0.05, update_freq=2,
+                      kl_clip=kl_clip, full_precond=full_precond)
+    nus = []
+    for _ in range(steps):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        nus.append(opt.last_clip)
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()]) - start, nus
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_a_binding_trust_region_leaves_the_learning_rate_no_role(name: str) -> None:
+    # Where the clip binds, the step is −lr·ν·u with lr·ν = √(kl_clip / Σ⟨u, ∇W⟩): lr cancels, and
+    # momentum only sums such steps. So with every parameter in a preconditioned layer
+    # (full_precond) and the clip binding on every step, lr = 0.1 and lr = 10 give the same
+    # trajectory: bit for bit on the fixed grid (mlp, rk4; measured 0); to the solver's tolerance
+    # with dopri5 (conv, rtol 1e-6), where the rounding-level differences (2e-17, 4e-16, 3e-13
+    # after steps 1–3) flip one accept/reject decision of the step-size controller at step 4
+    # (measured 8e-7; the same lr twice: 0). Without the clip they differ; so they do with the
+    # stem and head left to plain SGD (full_precond=False), whose steps lr still scales.
+    slow, nus_slow = _displacement(name, lr=0.1, kl_clip=1e-6)
+    fast, nus_fast = _displacement(name, lr=10.0, kl_clip=1e-6)
+    assert max(nus_slow) < 1.0 and max(nus_fast) < 1.0, (nus_slow, nus_fast)
+    assert rel_err(fast, slow) < (1e-10 if name == "mlp" else 1e-5)
+    # Unclipped, one step is enough to tell (a second at lr = 10 would make the conv field stiff and slow).
+    assert rel_err(_displacement(name, lr=10.0, kl_clip=None, steps=1)[0],
+                   _displacement(name, lr=0.1, kl_clip=None, steps=1)[0]) > 0.5
+    outside = rel_err(_displacement(name, lr=10.0, kl_clip=1e-6, full_precond=False)[0],
+                      _displacement(name, lr=0.1, kl_clip=1e-6, full_precond=False)[0])
+    assert outside > 0.5
+
+
 @pytest.mark.parametrize("mutate", ["frozen-m2", "no-batch-factor", "stale-basis", "no-clip"])
 def test_the_check_fails_on_a_wrong_reference(mutate: str) -> None:
     # The same comparison against a reference with one planted mistake: it must fail clearly.

@@ -63,6 +63,8 @@ class SNOpt(torch.optim.Optimizer):
             the Kronecker layers' updates u (F̃u = ∇W, F̃ = Q diag(m2 + eps) Qᵀ) are all scaled by
             ν = min(1, √(kl_clip / Σ lr²⟨u, ∇W⟩)), so the base step Δθ = −lr·ν·u has a predicted
             change Σ ΔθᵀF̃Δθ ≤ kl_clip (with plain SGD; momentum then accumulates clipped steps).
+            Where it binds (ν < 1), lr·ν = √(kl_clip / Σ⟨u, ∇W⟩): the step does not depend on lr,
+            which then only scales the parameters outside the Kronecker layers (and weight decay).
             None (the paper's algorithm): no clipping. The last ν is in `last_clip`.
 
     Raises:
