@@ -332,7 +332,8 @@ def tuning_section(rows: list[dict[str, Any]], command: str = "python benchmarks
              "were cheaper); CNF: the lowest mean "
              "final test NLL. A setting that diverged on any "
              "seed (non-finite loss, failed solve, or NFE per iteration above 10× the first) is never kept. "
-             "SNOpt's update_freq 25 is the presets' (chosen by hand earlier; see the README).", "",
+             "SNOpt's update_freq 25 is the presets' (chosen by hand before this protocol existed; not searched: "
+             "docs/tuning.md §4).", "",
              "| task | optimizer | lr | eps | kl_clip | " + " | ".join(f"seed {s}: CPU s → loss / metric target, final"
                                                            for s in seeds) + " | score | kept |",
              "|---|---|---|---|---|" + "---|" * len(seeds) + "---|---|"]
