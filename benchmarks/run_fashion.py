@@ -162,6 +162,26 @@ def fashion_tuning(rows: list[dict[str, Any]]) -> str:
     return tuning_section(rows, "python benchmarks/run_fashion.py --tune")
 
 
+def evaluation_cost_line(runs: list[dict[str, Any]]) -> str:
+    """Each run's wall-clock per vector-field evaluation (mean s/iteration ÷ mean NFE/iteration), by setting and seed.
+
+    Runs that share a machine or a card do not all see the same load: a run that trained while
+    fewer others did gets its evaluations cheaper. Where this number differs between optimizers,
+    the wall-clock ratios carry that difference on top of the optimizers' own.
+    """
+    cost: dict[str, list[str]] = {}
+    for r in sorted(runs, key=lambda r: r["config"]["seed"]):
+        s = r["summary"]
+        nfe = (s.get("mean_nfe_forward") or 0.0) + (s.get("mean_nfe_backward") or 0.0)
+        key = f"{r['config']['optimizer']} {r['resolved']['lr']:g}"
+        cost.setdefault(key, []).append(f"{1e3 * s['mean_step_time'] / nfe:.2f}" if nfe else "—")
+    seeds = sorted({r["config"]["seed"] for r in runs})
+    return ("- wall-clock per function evaluation (ms; s/iteration ÷ NFE/iteration), seeds "
+            + " / ".join(map(str, seeds)) + ": " + "; ".join(f"{k} {' / '.join(v)}" for k, v in cost.items())
+            + " (each optimizer's own step included) — runs sharing the machine see different loads: where "
+            "this differs between optimizers, so do the wall-clock ratios")
+
+
 def report(runs: list[dict[str, Any]], mine: list[dict[str, Any]], *, out: Path, seeds: list[int], jobs: int,
            elapsed: float | None, device: str, left_out: list[dict[str, Any]] | None = None,
            log: Path | None = None) -> str:
@@ -193,7 +213,7 @@ def report(runs: list[dict[str, Any]], mine: list[dict[str, Any]], *, out: Path,
         f"{res['snopt_eps']}, update_freq {res['snopt_freq']}, kl_clip {res['snopt_kl_clip']}; seeds {seeds}.", "",
         *left_out_lines(left_out or [])]
     if gpu:
-        peak = {}
+        peak: dict[str, float] = {}
         for r in runs:
             name = f"{r['config']['optimizer']} {r['resolved']['lr']:g}"
             peak[name] = max(peak.get(name, 0.0), r["memory"]["peak_cuda_mib"] or 0.0)
@@ -204,7 +224,8 @@ def report(runs: list[dict[str, Any]], mine: list[dict[str, Any]], *, out: Path,
                   f"s of wall-clock (evaluations not counted); with {jobs} at a time, a seed takes about that long.",
                   ""]
     lines += [format_table(agg, ratios, main_runs[0]), "", *verdicts("fashion", result), *overhead_lines(result),
-              *stability_lines(result, cpu_clock=not gpu), "", HORIZON_NOTE, "", f"![fashion]({png})", ""]
+              *stability_lines(result, cpu_clock=not gpu), evaluation_cost_line(runs), "", HORIZON_NOTE, "",
+              f"![fashion]({png})", ""]
     snopt_runs = [r for r in main_runs if r["config"]["optimizer"] == "snopt"]
     for name, lr in extras:
         group = [r for r in extra_runs if (r["config"]["optimizer"], r["resolved"]["lr"]) == (name, lr)]

@@ -137,3 +137,16 @@ def test_complete_seeds_leaves_out_a_seed_that_did_not_finish_every_setting(fash
     # the extra flag is part of the setting: the protocol's Adam at 0.003 is not the extra one
     kept, left = fashion.complete_seeds([_rec("adam", 0.003, 0), _rec("adam", 0.003, 1, True), _rec("adam", 0.003, 1)])
     assert kept == [_rec("adam", 0.003, 1, True), _rec("adam", 0.003, 1)] and left == [_rec("adam", 0.003, 0)]
+
+
+def test_evaluation_cost_line_divides_step_time_by_evaluations(fashion: ModuleType) -> None:
+    def rec(name: str, lr: float, seed: int, step: float, fwd: float, bwd: float) -> dict[str, Any]:
+        return {"config": {"optimizer": name, "seed": seed}, "resolved": {"lr": lr},
+                "summary": {"mean_step_time": step, "mean_nfe_forward": fwd, "mean_nfe_backward": bwd}}
+
+    runs = [rec("snopt", 0.3, 1, 0.2, 60.0, 40.0), rec("adam", 0.003, 0, 0.1, 20.0, 30.0),
+            rec("snopt", 0.3, 0, 0.3, 50.0, 50.0), rec("adam", 0.003, 1, 0.15, 25.0, 25.0)]
+    line = fashion.evaluation_cost_line(runs)
+    assert "seeds 0 / 1:" in line
+    assert "snopt 0.3 3.00 / 2.00" in line  # seed order, not record order
+    assert "adam 0.003 2.00 / 3.00" in line
