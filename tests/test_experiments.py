@@ -12,7 +12,7 @@ import snopt
 from snopt.experiments import GRUODE, RunConfig, train
 from snopt.experiments.__main__ import main
 from snopt.experiments._common import EpochSampler, resolve
-from snopt.experiments._runner import aggregate, nfe_until, run, target_ratios, task_defaults, time_to
+from snopt.experiments._runner import aggregate, format_ratio, nfe_until, run, target_ratios, task_defaults, time_to
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 RUN_KEYS = {"config", "resolved", "machine", "task", "history", "evals", "memory", "diverged", "summary"}
@@ -179,7 +179,7 @@ def test_epoch_sampler_visits_every_example_once_per_epoch() -> None:
     assert len(set(seen.tolist())) == 9
 
 
-def _fake(name: str, t_loss: float | None, total: float = 10.0) -> dict:
+def _fake(name: str, t_loss: float | None, total: float = 10.0, seed: int = 0) -> dict:
     ev = {"iteration": [0, 1, 2], "time": [0.0, 1.0, 2.0], "cpu_time": [0.0, 1.0, 2.0],
           "train_loss": [1.0, 0.5, 0.1], "test_metric": [0.1, 0.5, 0.9]}
     summary = {k: None for k in ("final_test_metric", "best_test_metric", "final_train_loss",
@@ -188,8 +188,13 @@ def _fake(name: str, t_loss: float | None, total: float = 10.0) -> dict:
                                  "mean_nfe_forward", "mean_nfe_backward", "peak_rss_mib", "peak_cuda_mib")}
     summary.update(time_to_target_loss=t_loss, cpu_time_to_target_loss=t_loss, train_time=total,
                    train_cpu_time=total)
-    return {"config": {"optimizer": name, "seed": 0}, "resolved": {"lr": 0.1}, "diverged": None, "evals": ev,
+    return {"config": {"optimizer": name, "seed": seed}, "resolved": {"lr": 0.1}, "diverged": None, "evals": ev,
             "summary": summary}
+
+
+def _rb(r: dict) -> dict:
+    """A ratio's value and bound (without its per-seed spread)."""
+    return {"ratio": r["ratio"], "bound": r["bound"]}
 
 
 def test_time_to_target_and_ratio_bounds() -> None:
@@ -197,13 +202,30 @@ def test_time_to_target_and_ratio_bounds() -> None:
     assert time_to(ev, "train_loss", 0.5, lower=True) == (1.0, 1)
     assert time_to(ev, "test_metric", 0.95, lower=False) == (None, None)
     ratios = target_ratios(aggregate([_fake("snopt", 2.0), _fake("adam", 4.0), _fake("sgd", None, total=10.0)]))
-    assert ratios["snopt/adam"]["loss"] == {"ratio": 0.5, "bound": "="}
-    assert ratios["snopt/sgd"]["loss"] == {"ratio": 0.2, "bound": "<="}
+    assert _rb(ratios["snopt/adam"]["loss"]) == {"ratio": 0.5, "bound": "="}
+    assert _rb(ratios["snopt/sgd"]["loss"]) == {"ratio": 0.2, "bound": "<="}
     assert ratios["snopt/sgd"]["metric"]["bound"] == "n/a"
     # these records carry no iteration or NFE totals: a miss then gives no bound, not a zero
     agg = aggregate([_fake("snopt", 2.0), _fake("sgd", None)])
     assert agg["sgd"]["nfe_to_target_loss"]["censored_mean"] is None
-    assert target_ratios(agg)["snopt/sgd"]["loss_nfe"] == {"ratio": None, "bound": "n/a"}
+    assert _rb(target_ratios(agg)["snopt/sgd"]["loss_nfe"]) == {"ratio": None, "bound": "n/a"}
+
+
+def test_ratios_carry_the_per_seed_spread_on_paired_seeds() -> None:
+    # SNOpt on seeds 2, 0, 1 (records in any order) vs Adam on 0, 1, 2: each seed is paired with
+    # itself; seed 2, where Adam missed, is left out of the range and named in the count.
+    runs = [_fake("snopt", 3.0, seed=2), _fake("snopt", 2.0, seed=0), _fake("snopt", 3.0, seed=1),
+            _fake("adam", 4.0, seed=0), _fake("adam", 2.0, seed=1), _fake("adam", None, total=12.0, seed=2)]
+    r = target_ratios(aggregate(runs))["snopt/adam"]["loss"]
+    assert r["per_seed"] == [0.5, 1.5] and r["seeds"] == 3
+    assert _rb(r) == {"ratio": 8.0 / 3 / (18.0 / 3), "bound": "<="}
+    assert format_ratio(r) == "<=0.44"
+    assert format_ratio(r, spread=True) == "<=0.44 (per seed 0.50–1.50; 2 of 3 seeds)"
+    full = target_ratios(aggregate(runs[:5] + [_fake("adam", 6.0, seed=2)]))["snopt/adam"]["loss"]
+    assert format_ratio(full, spread=True) == "0.67 (per seed 0.50–1.50)"
+    # optimizers run on different seeds share none: no spread is shown
+    alone = target_ratios(aggregate([_fake("snopt", 2.0, seed=5), _fake("adam", 4.0, seed=6)]))["snopt/adam"]["loss"]
+    assert alone["per_seed"] == [] and format_ratio(alone, spread=True) == "0.50"
 
 
 def test_nfe_to_target_sums_the_iterations_up_to_the_reaching_evaluation() -> None:
@@ -234,10 +256,10 @@ def test_iterations_and_nfe_ratios_censor_misses_like_time() -> None:
                      with_work("sgd", None, None, 100, 5000.0)])
     assert agg["sgd"]["nfe_to_target_loss"]["censored_mean"] == 5000.0
     ratios = target_ratios(agg)
-    assert ratios["snopt/adam"]["loss_iterations"] == {"ratio": 0.5, "bound": "="}
-    assert ratios["snopt/adam"]["loss_nfe"] == {"ratio": 1.0, "bound": "="}
-    assert ratios["snopt/sgd"]["loss_nfe"] == {"ratio": 0.8, "bound": "<="}
-    assert ratios["snopt/sgd"]["loss_iterations"] == {"ratio": 0.5, "bound": "<="}
+    assert _rb(ratios["snopt/adam"]["loss_iterations"]) == {"ratio": 0.5, "bound": "="}
+    assert _rb(ratios["snopt/adam"]["loss_nfe"]) == {"ratio": 1.0, "bound": "="}
+    assert _rb(ratios["snopt/sgd"]["loss_nfe"]) == {"ratio": 0.8, "bound": "<="}
+    assert _rb(ratios["snopt/sgd"]["loss_iterations"]) == {"ratio": 0.5, "bound": "<="}
 
 
 def test_blown_up_dynamics_stop_the_run_as_diverged() -> None:
