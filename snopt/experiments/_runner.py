@@ -545,12 +545,12 @@ def target_ratios(agg: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     misses count as their whole training time and the ratio is an upper bound (``"<="``);
     when SNOpt missed some, a lower bound (``">="``) over censored times.
 
-    Args:
-        agg: From `aggregate`.
-
     The spread comes with it: ``per_seed`` holds SNOpt's value ÷ the other's on the same seed
     (same initialisation and batches), for the seeds both share and both reached the target
     (``seeds``: how many they share).
+
+    Args:
+        agg: From `aggregate`.
 
     Returns:
         ``{"snopt/adam": {"loss": {"ratio", "bound", "per_seed", "seeds"}, "metric": {...}, "loss_cpu": ...,
@@ -646,8 +646,8 @@ def format_table(agg: dict[str, dict[str, Any]], ratios: dict[str, dict[str, Any
                      f"{_fmt(a['peak_rss_mib'], 0)} |")
     if ratios:
         lines.append("")
-        lines.append("| SNOpt time-to-target ÷ | train loss (wall) | test metric (wall) | "
-                     "train loss (CPU) | test metric (CPU) |")
+        lines.append("| SNOpt time-to-target ÷ | train loss (wall) | test metric (wall) | train loss (CPU) | "
+                     "test metric (CPU) |")
         lines.append("|---|---|---|---|---|")
         for key, r in ratios.items():
             lines.append(f"| {key.split('/')[1]} | " + " | ".join(
@@ -664,8 +664,8 @@ def format_table(agg: dict[str, dict[str, Any]], ratios: dict[str, dict[str, Any
                      f"{_fmt(a['iterations_to_target_metric'], 0)} | {_fmt(a['nfe_to_target_loss'], 1, 1e-3)} | "
                      f"{_fmt(a['nfe_to_target_metric'], 1, 1e-3)} |")
     if ratios:
-        lines += ["", "| SNOpt ÷ | iterations to train loss | iterations to test metric | "
-                  "NFE to train loss | NFE to test metric |", "|---|---|---|---|---|"]
+        lines += ["", "| SNOpt ÷ | iterations to train loss | iterations to test metric | NFE to train loss | "
+                  "NFE to test metric |", "|---|---|---|---|---|"]
         for key, r in ratios.items():
             lines.append(f"| {key.split('/')[1]} | " + " | ".join(
                 format_ratio(r[k], spread=True)
