@@ -149,6 +149,23 @@ def gpu_machine_lines(runs: list[dict[str, Any]], jobs: int) -> list[str]:
             "so the ratios compare like with like, and a run alone on the card would be faster"]
 
 
+def cpu_log_machine_lines(runs: list[dict[str, Any]]) -> list[str]:
+    """The CPU machine the runs recorded, for tables written from a log (perhaps on another machine)."""
+    m = runs[0]["machine"]
+    return [f"- CPU: {m['cpu']} ({m['logical_cores']} logical cores), {m['platform']}",
+            f"- torch {m['torch']}, Python {m['python']}, {m['torch_threads']} torch thread per run (each run a "
+            "fresh process)",
+            "- load average while the runs trained: not in the log (CPU-time ratios are the steadier ones)"]
+
+
+def canonical_order(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Runs as the benchmark orders them (seed-major; SNOpt, Adam, SGD; `--extra` runs last), whatever order they
+    finished in, so a table written from a log lists its rows as the live one does."""
+    rank = {name: i for i, name in enumerate(("snopt", "adam", "sgd"))}
+    return sorted(runs, key=lambda r: (r["config"]["seed"], bool(r.get("extra")),
+                                       rank.get(r["config"]["optimizer"], len(rank))))
+
+
 def output_names(runs: list[dict[str, Any]], gpu: bool) -> tuple[str, str]:
     """The results file and main plot: ``fashion_cpu.md`` on the CPU, ``fashion_<card>.md`` on a GPU."""
     if not gpu:
@@ -206,7 +223,8 @@ def report(runs: list[dict[str, Any]], mine: list[dict[str, Any]], *, out: Path,
         f"# Fashion-MNIST (full 60k / 10k, 28×28): SNOpt vs Adam vs SGD ({'GPU' if gpu else 'CPU'})", "",
         f"Regenerate: `{command}`" + (" (add `--tune` to rerun the tuning first: last section). " if not gpu else
                                         " (the settings come from the CPU tuning: last section). ") + when, "",
-        "Machine:", *(gpu_machine_lines(main_runs, jobs) if gpu else machine_lines()), "",
+        "Machine:", *(gpu_machine_lines(main_runs, jobs) if gpu else
+                      machine_lines() if log is None else cpu_log_machine_lines(main_runs)), "",
         f"{res['iterations']} iterations, batch {res['batch_size']}, evaluation every {res['eval_every']} iterations "
         f"(not timed; test accuracy on all 10,000 test images, train loss on a fixed 1,000), "
         f"{main_runs[0]['task']['num_parameters']} parameters, options `{res['options']}`; SNOpt eps "
@@ -275,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     if not mine:
         raise SystemExit(f"no Fashion-MNIST tuning rows in {TUNING_JSON}: run with --tune first")
     if args.from_log is not None:
-        runs, left_out = complete_seeds(read_log(args.from_log))
+        runs, left_out = complete_seeds(canonical_order(read_log(args.from_log)))
         if not any(not r.get("extra") for r in runs):
             raise SystemExit(f"{args.from_log} holds no seed whose protocol runs all finished")
         runs = [{**r, "summary": summarize(r)} for r in runs]  # with this version's measures

@@ -90,6 +90,15 @@ def test_extra_runs_log_and_tables_from_the_log(fashion: ModuleType, tmp_path: P
     def without_stamp(t: str) -> list[str]:
         return [ln for ln in t.splitlines() if not ln.startswith(("Regenerate", "- load average"))]
     assert without_stamp(redone) == without_stamp(text)
+    assert "- load average while the runs trained: not in the log" in redone  # this machine's is not the runs'
+
+    # runs that finished out of order (two at a time) give the same table as the live benchmark's order
+    shuffled = tmp_path / "shuffled.jsonl"
+    shuffled.write_text("".join(json.dumps(r) + "\n" for r in runs[::-1]))
+    third = tmp_path / "third"
+    third.mkdir()
+    assert fashion.main(["--from-log", str(shuffled), "--out", str(third)]) == 0
+    assert without_stamp((third / "fashion_cpu.md").read_text()) == without_stamp(text)
 
     # the same runs as if recorded on a GPU: the table is named after the card and reads the card's records
     gpu_log = tmp_path / "gpu.jsonl"
