@@ -226,6 +226,9 @@ def test_ratios_carry_the_per_seed_spread_on_paired_seeds() -> None:
     # optimizers run on different seeds share none: no spread is shown
     alone = target_ratios(aggregate([_fake("snopt", 2.0, seed=5), _fake("adam", 4.0, seed=6)]))["snopt/adam"]["loss"]
     assert alone["per_seed"] == [] and format_ratio(alone, spread=True) == "0.50"
+    # one shared seed (the demo): its ratio is the whole story, no bracket repeats it
+    single = target_ratios(aggregate([_fake("snopt", 2.0), _fake("adam", 4.0)]))["snopt/adam"]["loss"]
+    assert single["per_seed"] == [0.5] and format_ratio(single, spread=True) == "0.50"
 
 
 def test_nfe_to_target_sums_the_iterations_up_to_the_reaching_evaluation() -> None:

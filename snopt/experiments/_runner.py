@@ -610,7 +610,7 @@ def format_ratio(r: dict[str, Any], *, spread: bool = False) -> str:
     """
     text = "n/a" if r["ratio"] is None else ("" if r["bound"] == "=" else r["bound"]) + f"{r['ratio']:.2f}"
     per_seed = r.get("per_seed") or []
-    if not spread or not per_seed:
+    if not spread or not per_seed or r["seeds"] < 2:  # one seed: the ratio is its own range
         return text
     rng = f"{min(per_seed):.2f}–{max(per_seed):.2f}" if len(per_seed) > 1 else f"{per_seed[0]:.2f}"
     some = f"; {len(per_seed)} of {r['seeds']} seeds" if len(per_seed) < r["seeds"] else ""
