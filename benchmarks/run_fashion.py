@@ -161,7 +161,7 @@ def cpu_log_machine_lines(runs: list[dict[str, Any]]) -> list[str]:
 def canonical_order(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Runs as the benchmark orders them (seed-major; SNOpt, Adam, SGD; `--extra` runs last), whatever order they
     finished in, so a table written from a log lists its rows as the live one does."""
-    rank = {name: i for i, name in enumerate(("snopt", "adam", "sgd"))}
+    rank = {name: i for i, name in enumerate(OPTIMIZERS)}
     return sorted(runs, key=lambda r: (r["config"]["seed"], bool(r.get("extra")),
                                        rank.get(r["config"]["optimizer"], len(rank))))
 
