@@ -3,13 +3,17 @@
     python benchmarks/run_applications.py                      # the committed table: 3 tasks x 3 optimizers x 5 seeds
     python benchmarks/run_applications.py --tune               # first rerun the tuning grids (three tuning seeds)
     python benchmarks/run_applications.py --tasks digits --seeds 0 1 --quick --out /tmp/x   # a smaller check
+    python benchmarks/run_applications.py --log runs.jsonl          # also append every finished run to runs.jsonl
+    python benchmarks/run_applications.py --from-log benchmarks/results/applications_cpu_runs.jsonl.gz   # no training
 
 Writes benchmarks/results/applications_cpu.md (tables: mean ± std over seeds, SNOpt's
 time-to-target ratios, the targets met or missed, the machine, the tuning) and one PNG of
 curves per task (benchmarks/results/applications_<task>.png). Every run is a fresh process
 (`spawn`), so peak RSS is per run; runs are interleaved seed-major so that a change in machine
 load hits every optimizer alike; torch uses one thread. Both wall-clock and process CPU time
-are recorded: on a shared machine the CPU-time ratios are the steadier of the two.
+are recorded: on a shared machine the CPU-time ratios are the steadier of the two. The committed
+table's runs are in benchmarks/results/applications_cpu_runs.jsonl.gz: `--from-log` rewrites the
+tables and plots from them (with this version's summaries and text) without training.
 
 Settings: every optimizer's learning rate (and SNOpt's damping eps) comes from one protocol,
 `tune`, run on three tuning seeds that are not reported (see `tuning_section` for the grids and
@@ -21,6 +25,7 @@ same file) from benchmarks/run_fashion.py, whose table is separate.
 """
 
 import argparse
+import gzip
 import json
 import math
 import os
@@ -38,7 +43,15 @@ import torch
 
 from snopt.experiments import RunConfig, plot_comparison
 from snopt.experiments._common import cpu_model
-from snopt.experiments._runner import compare, format_ratio, quiet_warnings, run, task_defaults
+from snopt.experiments._runner import (
+    compare,
+    format_ratio,
+    quiet_warnings,
+    run,
+    summarize,
+    tabulate,
+    task_defaults,
+)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MD = RESULTS / "applications_cpu.md"
@@ -465,6 +478,107 @@ def machine_lines() -> list[str]:
             "(the machine is shared: other jobs ran alongside, so wall-clock is noisier than CPU time)"]
 
 
+def cpu_log_machine_lines(runs: list[dict[str, Any]]) -> list[str]:
+    """The CPU machine the runs recorded, for tables written from a log (perhaps on another machine)."""
+    m = runs[0]["machine"]
+    return [f"- CPU: {m['cpu']} ({m['logical_cores']} logical cores), {m['platform']}",
+            f"- torch {m['torch']}, Python {m['python']}, {m['torch_threads']} torch thread per run (each run a "
+            "fresh process)",
+            "- load average while the runs trained: not in the log (CPU-time ratios are the steadier ones)"]
+
+
+def read_log(path: Path) -> list[dict[str, Any]]:
+    """The runs of a `--log` file (or its ``.gz``), a JSON record per line; a torn line (a killed writer) is skipped."""
+    runs = []
+    text = gzip.decompress(path.read_bytes()).decode() if path.suffix == ".gz" else path.read_text()
+    for line in text.splitlines():
+        try:
+            runs.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return runs
+
+
+def complete_seeds(runs: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The runs of the seeds that finished every setting, and the runs left out (their seed did not).
+
+    A benchmark cut short leaves a seed with some optimizers finished and others not; averaging
+    those would compare optimizers over different seeds.
+    """
+    def setting(r: dict[str, Any]) -> tuple[str, float, bool]:
+        return r["config"]["optimizer"], r["resolved"]["lr"], bool(r.get("extra"))
+
+    every = {setting(r) for r in runs}
+    have: dict[int, set[tuple[str, float, bool]]] = {}
+    for r in runs:
+        have.setdefault(r["config"]["seed"], set()).add(setting(r))
+    whole = {seed for seed, got in have.items() if got == every}
+    return [r for r in runs if r["config"]["seed"] in whole], [r for r in runs if r["config"]["seed"] not in whole]
+
+
+def left_out_lines(left_out: list[dict[str, Any]]) -> list[str]:
+    """A line naming the runs of unfinished seeds, which the tables leave out."""
+    if not left_out:
+        return []
+
+    def final(r: dict[str, Any]) -> str:
+        f = r["summary"]["final_test_metric"]
+        return "—" if f is None else f"{f:.3f} nats" if r["task"]["metric"] == "nll" else f"{100 * f:.2f} %"
+    parts = [f"{r['config']['optimizer']} lr {r['resolved']['lr']:g} seed {r['config']['seed']} (final "
+             f"{final(r)}, {r['summary']['train_time']:.0f} s" + (", diverged" if r["diverged"] else "") + ")"
+             for r in left_out]
+    return [f"Left out of the tables, because their seed did not finish every setting before the benchmark was "
+            f"stopped: {'; '.join(parts)}.", ""]
+
+
+def canonical_order(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Runs as the benchmark orders them (seed-major; SNOpt, Adam, SGD; `--extra` runs last), whatever order they
+    finished in, so a table written from a log lists its rows as the live one does."""
+    rank = {name: i for i, name in enumerate(OPTIMIZERS)}
+    return sorted(runs, key=lambda r: (r["config"]["seed"], bool(r.get("extra")),
+                                       rank.get(r["config"]["optimizer"], len(rank))))
+
+
+def append_run(log: Path) -> Callable[[dict[str, Any]], None]:
+    """A `compare` ``on_run`` hook appending each finished run to the JSON-lines file `log`."""
+    def write(r: dict[str, Any]) -> None:
+        with log.open("a") as fh:
+            fh.write(json.dumps(r) + "\n")
+    return write
+
+
+TITLES = {"digits": "Image classification — sklearn digits (8×8, real)",
+          "timeseries": "Time-series classification — {dataset} (UEA, real)",
+          "cnf": "CNF density estimation — {dataset} (2-D toy, fresh samples)"}
+
+
+def task_section(task: str, result: dict[str, Any], seeds: list[int], wall: float | None,
+                 left_out: list[dict[str, Any]] | None = None) -> tuple[str, list[str]]:
+    """One task's section of the results file (its plot is written separately) and its target verdicts.
+
+    Args:
+        task: Key of `TASKS`.
+        result: `compare`'s or `tabulate`'s result for the task.
+        seeds: The seeds of its runs.
+        wall: The task's wall-clock in seconds (None: written from a log, where it was not recorded).
+        left_out: Runs of seeds that did not finish every optimizer (named, not tabulated).
+    """
+    d = result["runs"][0]
+    res = d["resolved"]
+    v = verdicts(task, result)
+    text = "\n".join([
+        f"## {TITLES[task].format(dataset=d['task']['dataset'])}", "",
+        f"{res['iterations']} iterations, batch {res['batch_size']}, evaluation every {res['eval_every']} "
+        f"iterations (not timed), {d['task']['num_parameters']} parameters, "
+        f"options `{json.dumps(res['options'])}`; "
+        f"SNOpt eps {res['snopt_eps']}, update_freq {res['snopt_freq']}, kl_clip {res.get('snopt_kl_clip')}; "
+        f"seeds {seeds}." + ("" if wall is None else f" Wall-clock for this task: {wall:.0f} s."), "",
+        *left_out_lines(left_out or []),
+        result["table"], "", *v, *overhead_lines(result), *stability_lines(result), "",
+        *([NOTES[task], ""] if task in NOTES else []), f"![{task}](applications_{task}.png)", ""])
+    return text, v
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tasks", nargs="+", choices=tuple(TASKS), default=list(TASKS))
@@ -477,6 +591,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="a third of the iterations (a check, not the table)")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--raw", type=Path, default=None, help="also keep every run's JSON record here")
+    p.add_argument("--log", type=Path, default=None, help="append each finished run to this JSON-lines file")
+    p.add_argument("--from-log", type=Path, default=None,
+                   help="write the tables and plots from this --log file (or its .gz); no training")
     args = p.parse_args(argv)
     quiet_warnings()
     start = time.perf_counter()
@@ -487,46 +604,49 @@ def main(argv: list[str] | None = None) -> int:
     if args.tune_only:
         print(tuning_section(rows_here))
         return 0
+    logged = read_log(args.from_log) if args.from_log is not None else []
+    args.out.mkdir(parents=True, exist_ok=True)
     sections: list[str] = []
     summary_lines: list[str] = []
+    all_runs: list[dict[str, Any]] = []
     for task in args.tasks:
-        base = TASKS[task]
-        if args.quick:
-            base = replace(base, iterations=max(10, task_defaults(base).iterations // 3))
-        kept = best_settings([r for r in rows if r["task"] == task])
-        lrs = {name: st[1] for name, st in kept.items()}
-        if kept.get("snopt") is not None:
-            base = replace(base, snopt_eps=kept["snopt"][2], snopt_kl_clip=kept["snopt"][3] or 0.0)
-        print(f"[{task}] benchmark, seeds {args.seeds}, settings {kept or 'preset'} ...", flush=True)
-        t0 = time.perf_counter()
-        result = compare(base, OPTIMIZERS, args.seeds, out_dir=args.raw, lrs=lrs, isolate=True, plots=False,
-                         echo=print)
-        png = args.out / f"applications_{task}.png"
-        plot_comparison(result["runs"], png)
-        d = result["runs"][0]
-        res = d["resolved"]
-        title = {"digits": "Image classification — sklearn digits (8×8, real)",
-                 "timeseries": f"Time-series classification — {d['task']['dataset']} (UEA, real)",
-                 "cnf": f"CNF density estimation — {d['task']['dataset']} (2-D toy, fresh samples)"}[task]
-        v = verdicts(task, result)
-        sections.append("\n".join([
-            f"## {title}", "",
-            f"{res['iterations']} iterations, batch {res['batch_size']}, evaluation every {res['eval_every']} "
-            f"iterations (not timed), {d['task']['num_parameters']} parameters, "
-            f"options `{json.dumps(res['options'])}`; "
-            f"SNOpt eps {res['snopt_eps']}, update_freq {res['snopt_freq']}, kl_clip {res.get('snopt_kl_clip')}; "
-            f"seeds {args.seeds}. "
-            f"Wall-clock for this task: {time.perf_counter() - t0:.0f} s.", "",
-            result["table"], "", *v, *overhead_lines(result), *stability_lines(result), "",
-            *([NOTES[task], ""] if task in NOTES else []), f"![{task}](applications_{task}.png)", ""]))
+        if args.from_log is not None:
+            runs, left_out = complete_seeds(canonical_order([r for r in logged if r["config"]["task"] == task]))
+            if not runs:
+                print(f"[{task}] {args.from_log} holds no seed whose runs all finished: skipped", flush=True)
+                continue
+            result = tabulate([{**r, "summary": summarize(r)} for r in runs])  # with this version's measures
+            seeds, wall = sorted({r["config"]["seed"] for r in runs}), None
+        else:
+            base = TASKS[task]
+            if args.quick:
+                base = replace(base, iterations=max(10, task_defaults(base).iterations // 3))
+            kept = best_settings([r for r in rows if r["task"] == task])
+            lrs = {name: st[1] for name, st in kept.items()}
+            if kept.get("snopt") is not None:
+                base = replace(base, snopt_eps=kept["snopt"][2], snopt_kl_clip=kept["snopt"][3] or 0.0)
+            print(f"[{task}] benchmark, seeds {args.seeds}, settings {kept or 'preset'} ...", flush=True)
+            t0 = time.perf_counter()
+            result = compare(base, OPTIMIZERS, args.seeds, out_dir=args.raw, lrs=lrs, isolate=True, plots=False,
+                             echo=print, on_run=None if args.log is None else append_run(args.log))
+            seeds, wall, left_out = args.seeds, time.perf_counter() - t0, []
+        all_runs += result["runs"]
+        plot_comparison(result["runs"], args.out / f"applications_{task}.png")
+        text, v = task_section(task, result, seeds, wall, left_out)
+        sections.append(text)
         summary_lines.extend([f"**{task}**:", "", *v, ""])
+    if not all_runs:
+        raise SystemExit(f"{args.from_log} holds no finished seed of {args.tasks}")
     tuning = tuning_section(rows_here) if rows_here else None
     head = [
         "# Applications benchmark (CPU): SNOpt vs Adam vs SGD", "",
         "Regenerate: `python benchmarks/run_applications.py` (add `--tune` to rerun the tuning grids first: "
         "last section). "
-        f"Generated {time.strftime('%Y-%m-%d %H:%M %Z')} in {time.perf_counter() - start:.0f} s.", "",
-        "Machine:", *machine_lines(), "",
+        + (f"Generated {time.strftime('%Y-%m-%d %H:%M %Z')} in {time.perf_counter() - start:.0f} s."
+           if args.from_log is None else
+           f"Generated {time.strftime('%Y-%m-%d %H:%M %Z')} from the runs recorded in `{args.from_log.name}` "
+           f"(`python benchmarks/run_applications.py --from-log {args.from_log.as_posix()}`, no training)."), "",
+        "Machine:", *(machine_lines() if args.from_log is None else cpu_log_machine_lines(all_runs)), "",
         "Protocol: every optimizer runs the same loop (`snopt.experiments`), timed around zero_grad + loss + "
         "backward + step only (evaluations excluded). Time-to-target = training time until the first evaluation "
         "at which the full training loss (resp. test metric) reaches the target; mean ± std over seeds, "
@@ -539,7 +659,6 @@ def main(argv: list[str] | None = None) -> int:
         "backward, summed over all solves of the iteration).", "",
         "## Targets", "", *summary_lines]
     text = "\n".join(head + sections + ([tuning] if tuning else [])) + "\n"
-    args.out.mkdir(parents=True, exist_ok=True)
     (args.out / MD.name).write_text(text)
     print(text)
     print(f"wrote {args.out / MD.name} ({time.perf_counter() - start:.0f} s)")

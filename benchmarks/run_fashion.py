@@ -28,7 +28,6 @@ JSON-lines file as it ends, so an interrupted benchmark loses only its unfinishe
 """
 
 import argparse
-import gzip
 import json
 import re
 import threading
@@ -43,8 +42,13 @@ from run_applications import (
     RESULTS,
     TUNING_JSON,
     best_settings,
+    canonical_order,
+    complete_seeds,
+    cpu_log_machine_lines,
+    left_out_lines,
     machine_lines,
     overhead_lines,
+    read_log,
     retune,
     stability_lines,
     tuning_section,
@@ -95,44 +99,7 @@ def card_slug(gpu: str) -> str:
     return (m.group(1) if m else re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-")).lower()
 
 
-def read_log(path: Path) -> list[dict[str, Any]]:
-    """The runs of a `--log` file (or its ``.gz``), a JSON record per line; a torn line (a killed writer) is skipped."""
-    runs = []
-    text = gzip.decompress(path.read_bytes()).decode() if path.suffix == ".gz" else path.read_text()
-    for line in text.splitlines():
-        try:
-            runs.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return runs
 
-
-def complete_seeds(runs: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """The runs of the seeds that finished every setting, and the runs left out (their seed did not).
-
-    A benchmark cut short leaves a seed with some optimizers finished and others not; averaging
-    those would compare optimizers over different seeds.
-    """
-    def setting(r: dict[str, Any]) -> tuple[str, float, bool]:
-        return r["config"]["optimizer"], r["resolved"]["lr"], bool(r.get("extra"))
-
-    every = {setting(r) for r in runs}
-    have: dict[int, set[tuple[str, float, bool]]] = {}
-    for r in runs:
-        have.setdefault(r["config"]["seed"], set()).add(setting(r))
-    whole = {seed for seed, got in have.items() if got == every}
-    return [r for r in runs if r["config"]["seed"] in whole], [r for r in runs if r["config"]["seed"] not in whole]
-
-
-def left_out_lines(left_out: list[dict[str, Any]]) -> list[str]:
-    """A line naming the runs of unfinished seeds, which the tables leave out."""
-    if not left_out:
-        return []
-    parts = [f"{r['config']['optimizer']} lr {r['resolved']['lr']:g} seed {r['config']['seed']} (final "
-             f"{100 * r['summary']['final_test_metric']:.2f} %, {r['summary']['train_time']:.0f} s"
-             + (", diverged" if r["diverged"] else "") + ")" for r in left_out]
-    return [f"Left out of the tables, because their seed did not finish every setting before the benchmark was "
-            f"stopped: {'; '.join(parts)}.", ""]
 
 
 def split_runs(runs: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -149,21 +116,6 @@ def gpu_machine_lines(runs: list[dict[str, Any]], jobs: int) -> list[str]:
             "so the ratios compare like with like, and a run alone on the card would be faster"]
 
 
-def cpu_log_machine_lines(runs: list[dict[str, Any]]) -> list[str]:
-    """The CPU machine the runs recorded, for tables written from a log (perhaps on another machine)."""
-    m = runs[0]["machine"]
-    return [f"- CPU: {m['cpu']} ({m['logical_cores']} logical cores), {m['platform']}",
-            f"- torch {m['torch']}, Python {m['python']}, {m['torch_threads']} torch thread per run (each run a "
-            "fresh process)",
-            "- load average while the runs trained: not in the log (CPU-time ratios are the steadier ones)"]
-
-
-def canonical_order(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Runs as the benchmark orders them (seed-major; SNOpt, Adam, SGD; `--extra` runs last), whatever order they
-    finished in, so a table written from a log lists its rows as the live one does."""
-    rank = {name: i for i, name in enumerate(OPTIMIZERS)}
-    return sorted(runs, key=lambda r: (r["config"]["seed"], bool(r.get("extra")),
-                                       rank.get(r["config"]["optimizer"], len(rank))))
 
 
 def output_names(runs: list[dict[str, Any]], gpu: bool) -> tuple[str, str]:

@@ -427,7 +427,8 @@ def run_name(cfg: RunConfig) -> str:
 
 def compare(base: RunConfig, optimizers: Sequence[str], seeds: Sequence[int], *, out_dir: str | Path | None = None,
             lrs: dict[str, float] | None = None, quiet: bool = True, isolate: bool = False, plots: bool = True,
-            echo: Callable[[str], None] | None = print) -> dict[str, Any]:
+            echo: Callable[[str], None] | None = print,
+            on_run: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Train every optimizer on every seed (interleaved: seed-major), then tabulate and plot.
 
     For a task whose metric is an NLL, the metric target becomes Adam's mean final test NLL
@@ -443,6 +444,8 @@ def compare(base: RunConfig, optimizers: Sequence[str], seeds: Sequence[int], *,
         isolate: Each run in a fresh process.
         plots: Write the PNG plots.
         echo: Where progress lines and the table go (None: silent).
+        on_run: Called with each run's record as soon as it finishes (e.g. to append it to a log, so an
+            interrupted comparison loses no finished run).
 
     Returns:
         ``{"runs": [records], "aggregate": {...}, "ratios": {...}, "table": str, "files": [...]}``.
@@ -461,16 +464,10 @@ def compare(base: RunConfig, optimizers: Sequence[str], seeds: Sequence[int], *,
                      f"{r['task']['metric']} {s['final_test_metric']}, loss {s['final_train_loss']}"
                      + (f" (diverged: {r['diverged']})" if r["diverged"] else ""))
             runs.append(r)
-    metric = runs[0]["task"]["metric"]
-    adam_final = [r["summary"]["final_test_metric"] for r in runs if r["config"]["optimizer"] == "adam"
-                  and r["summary"]["final_test_metric"] is not None]
-    if metric == "nll" and adam_final:
-        target = statistics.fmean(adam_final)
-        for r in runs:
-            r["summary"] = summarize(r, target_metric=target)
-    agg = aggregate(runs)
-    ratios = target_ratios(agg)
-    table = format_table(agg, ratios, runs[0])
+            if on_run is not None:
+                on_run(r)
+    tab = tabulate(runs)
+    agg, ratios, table = tab["aggregate"], tab["ratios"], tab["table"]
     files: list[str] = []
     if out_dir is not None:
         out = Path(out_dir)
@@ -490,6 +487,30 @@ def compare(base: RunConfig, optimizers: Sequence[str], seeds: Sequence[int], *,
     if echo:
         echo(table)
     return {"runs": runs, "aggregate": agg, "ratios": ratios, "table": table, "files": files}
+
+
+def tabulate(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Aggregate finished runs of one task (live, or read back from a log) into `compare`'s numbers and table.
+
+    For a task whose metric is an NLL, every run's summary is first recomputed with Adam's mean
+    final test NLL as the metric target, when Adam is among the runs (the paper's CNF claim:
+    reaching Adam's NLL sooner); the records' ``summary`` entries are replaced in place.
+
+    Args:
+        runs: Records from `train` (at least one).
+
+    Returns:
+        ``{"runs": runs, "aggregate": {...}, "ratios": {...}, "table": str}``.
+    """
+    adam_final = [r["summary"]["final_test_metric"] for r in runs if r["config"]["optimizer"] == "adam"
+                  and r["summary"]["final_test_metric"] is not None]
+    if runs[0]["task"]["metric"] == "nll" and adam_final:
+        target = statistics.fmean(adam_final)
+        for r in runs:
+            r["summary"] = summarize(r, target_metric=target)
+    agg = aggregate(runs)
+    ratios = target_ratios(agg)
+    return {"runs": runs, "aggregate": agg, "ratios": ratios, "table": format_table(agg, ratios, runs[0])}
 
 
 _AGG_KEYS = ("final_test_metric", "best_test_metric", "final_train_loss", "time_to_target_loss",

@@ -1,0 +1,92 @@
+"""benchmarks/run_applications.py's run log: a live benchmark appends every run, `--from-log` rewrites its tables.
+
+Training is swapped for three-iteration runs of the same tasks (real records, about a second
+each), so the tables come from the structures a full benchmark produces.
+"""
+
+import importlib.util
+import json
+import re
+import sys
+from dataclasses import replace
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+import snopt.experiments._runner as runner
+from snopt.experiments import RunConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+REAL_RUN = runner.run
+
+
+@pytest.fixture(scope="module")
+def bench() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("run_applications", ROOT / "benchmarks" / "run_applications.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["run_applications"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _stamp_free(text: str) -> list[str]:
+    """The results file without what depends on when and where it was written."""
+    return [re.sub(r" Wall-clock for this task: \d+ s\.", "", ln) for ln in text.splitlines()
+            if not ln.startswith(("Regenerate", "- load average"))]
+
+
+def test_from_log_rewrites_the_live_tables(bench: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    asked: list[RunConfig] = []
+
+    def tiny(cfg: RunConfig, quiet: bool = True, isolate: bool = False) -> dict[str, Any]:
+        asked.append(cfg)
+        return REAL_RUN(replace(cfg, iterations=3, eval_every=3), quiet=True)
+
+    monkeypatch.setattr(runner, "run", tiny)
+    log, live, again = tmp_path / "runs.jsonl", tmp_path / "live", tmp_path / "again"
+    assert bench.main(["--tasks", "digits", "cnf", "--seeds", "0", "1", "--log", str(log), "--out", str(live)]) == 0
+    assert [(c.task, c.seed, c.optimizer) for c in asked] == [
+        (t, s, o) for t in ("digits", "cnf") for s in (0, 1) for o in ("snopt", "adam", "sgd")]
+    runs = bench.read_log(log)
+    assert [(r["config"]["task"], r["config"]["seed"], r["config"]["optimizer"]) for r in runs] == [
+        (c.task, c.seed, c.optimizer) for c in asked]  # every run, in the order it finished
+    text = (live / "applications_cpu.md").read_text()
+
+    asked.clear()
+    assert bench.main(["--tasks", "digits", "cnf", "--from-log", str(log), "--out", str(again)]) == 0
+    assert not asked  # nothing trained
+    redone = (again / "applications_cpu.md").read_text()
+    assert _stamp_free(redone) == _stamp_free(text)
+    # the CNF's target is Adam's mean final NLL, recomputed from the logged runs as the live benchmark did
+    assert "time to Adam's final test NLL" in redone
+    assert "- load average while the runs trained: not in the log" in redone
+    assert "--from-log" in redone and "Wall-clock for this task" not in redone
+    assert (again / "applications_digits.png").is_file() and (again / "applications_cnf.png").is_file()
+
+    # runs that finished in another order give the same tables
+    shuffled = tmp_path / "shuffled.jsonl"
+    shuffled.write_text("".join(json.dumps(r) + "\n" for r in runs[::-1]))
+    third = tmp_path / "third"
+    assert bench.main(["--tasks", "digits", "cnf", "--from-log", str(shuffled), "--out", str(third)]) == 0
+    assert _stamp_free((third / "applications_cpu.md").read_text()) == _stamp_free(text)
+
+    # an interrupted benchmark: seed 1 of the CNF lacks SGD, so that seed is named and left out of the CNF table
+    cut = tmp_path / "cut.jsonl"
+    cut.write_text("".join(json.dumps(r) + "\n" for r in runs[:-1]))
+    fourth = tmp_path / "fourth"
+    assert bench.main(["--tasks", "digits", "cnf", "--from-log", str(cut), "--out", str(fourth)]) == 0
+    partial = (fourth / "applications_cpu.md").read_text()
+    digits_part, cnf_part = partial.split("## CNF density estimation")
+    assert "seeds [0, 1]" in digits_part and "Left out" not in digits_part
+    assert "seeds [0]" in cnf_part.split("## Tuning")[0]
+    assert "Left out of the tables" in cnf_part and "snopt lr 0.01 seed 1 (final" in cnf_part
+
+
+def test_from_log_without_a_finished_seed_fails(bench: ModuleType, tmp_path: Path) -> None:
+    log = tmp_path / "runs.jsonl"
+    log.write_text("")
+    with pytest.raises(SystemExit, match="holds no finished seed"):
+        bench.main(["--tasks", "digits", "--from-log", str(log), "--out", str(tmp_path)])
