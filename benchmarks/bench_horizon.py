@@ -69,7 +69,8 @@ class ConvField(nn.Module):
         self.act = nn.Softplus()
 
     def forward(self, t: Tensor, x: Tensor) -> Tensor:
-        return self.conv2(t, self.act(self.conv1(t, x)))
+        out: Tensor = self.conv2(t, self.act(self.conv1(t, x)))
+        return out
 
 
 class Classifier(nn.Module):
@@ -140,7 +141,7 @@ def train(cfg: Config, data: snopt.data.Split, *, epochs: int, seed: int, update
             start, start_cpu = time.perf_counter(), time.process_time()
             opt.zero_grad()
             loss = nn.functional.cross_entropy(model(data.x_train[idx]), data.y_train[idx])
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]
             opt.step()
             if ctrl is not None:
                 ctrl.step()
@@ -261,7 +262,7 @@ def _step_fixture(with_controller: bool) -> Any:
 
     def step() -> None:
         opt.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
+        nn.functional.cross_entropy(model(x), y).backward()  # type: ignore[no-untyped-call]
         opt.step()
         if ctrl is not None:
             ctrl.step()

@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 import torch
@@ -84,7 +84,7 @@ def make_problem(name: str = "easy", seed: int = 0) -> Problem:
 Solver = Callable[[Problem, Tensor], Tensor]
 
 
-def _snopt(norm: str) -> Solver:
+def _snopt(norm: Literal["mixed", "seminorm"]) -> Solver:
     def run(p: Problem, y0: Tensor) -> Tensor:
         out: Tensor = snopt.odeint(p.field, y0, p.t, method="dopri5", rtol=RTOL, atol=ATOL, adjoint_norm=norm)
         return out
@@ -117,7 +117,7 @@ def timed_backward(p: Problem, solver: Solver) -> tuple[float, int, int, Tensor]
     loss, y0, nfe_fwd = forward(p, solver)
     p.field.calls = 0
     start = time.perf_counter()
-    loss.backward()
+    loss.backward()  # type: ignore[no-untyped-call]
     elapsed = time.perf_counter() - start
     assert y0.grad is not None
     grad = torch.cat([y0.grad.reshape(-1)] + [q.grad.reshape(-1) for q in p.field.parameters() if q.grad is not None])

@@ -103,7 +103,8 @@ def _plain_loss(prob: Problem, solver: dict[str, Any]) -> Callable[[Tensor], Ten
             out: Tensor = functional_call(func, ps, (tt, x))
             return out
 
-        return loss_fn(torchdiffeq.odeint(f, x0, t, **solver)[-1])
+        loss: Tensor = loss_fn(torchdiffeq.odeint(f, x0, t, **solver)[-1])
+        return loss
 
     return loss_of
 
@@ -242,7 +243,8 @@ def dense_row(width: int, steps: int) -> dict[str, Any]:
 
     def rk_loss(th: Tensor) -> Tensor:
         ps = {n: c.reshape(q.shape) for (n, q), c in zip(named, torch.split(th, sizes), strict=True)}
-        return loss_fn(rk_solve(func, ps, x0, t, steps=steps)[-1])
+        loss: Tensor = loss_fn(rk_solve(func, ps, x0, t, steps=steps)[-1])
+        return loss
 
     row: dict[str, Any] = {"p": theta.numel(), "n": x0.numel(), "steps": steps}
     row["second_order"], so = _timed(snopt.second_order, func, x0, t, loss_fn, **solver)

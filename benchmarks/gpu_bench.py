@@ -44,7 +44,8 @@ class MLPField(torch.nn.Module):
         self.net = torch.nn.Sequential(torch.nn.Linear(d, width), torch.nn.Tanh(), torch.nn.Linear(width, d))
 
     def forward(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+        out: torch.Tensor = self.net(x)
+        return out
 
 
 class ConvField(torch.nn.Module):
@@ -55,7 +56,8 @@ class ConvField(torch.nn.Module):
 
     def forward(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         tt = t.expand(x.shape[0], 1, *x.shape[2:])
-        return self.c2(torch.cat([torch.relu(self.c1(torch.cat([x, tt], 1))), tt], 1))
+        out: torch.Tensor = self.c2(torch.cat([torch.relu(self.c1(torch.cat([x, tt], 1))), tt], 1))
+        return out
 
 
 def backward_ratio(lines: list[str]) -> None:
@@ -70,7 +72,7 @@ def backward_ratio(lines: list[str]) -> None:
         def run(solve: Callable[..., torch.Tensor] = solve, kw: dict[str, str] = kw) -> None:
             x = x0.clone().requires_grad_(True)
             y = solve(f, x, t, rtol=1e-5, atol=1e-5, **kw)[-1]
-            y.pow(2).mean().backward()
+            y.pow(2).mean().backward()  # type: ignore[no-untyped-call]
         res[name] = timed(run)
     base = res["torchdiffeq.odeint_adjoint"]
     lines += ["## Forward + backward of a first-order adjoint (MLP 64→256→64, batch 4096, dopri5 1e-5, float32)", "",
@@ -142,7 +144,7 @@ def training(lines: list[str]) -> None:
 
         def it(opt: torch.optim.Optimizer = opt, model: torch.nn.Module = model) -> None:
             opt.zero_grad()
-            torch.nn.functional.cross_entropy(model(x), y).backward()
+            torch.nn.functional.cross_entropy(model(x), y).backward()  # type: ignore[no-untyped-call]
             opt.step()
         if name == "adam":
             res["Adam"] = timed(it)

@@ -91,6 +91,8 @@ class AffineField(nn.Module):
         c: (d,) initial value of the parameter c.
     """
 
+    a0: Tensor  # a buffer (registered in __init__)
+
     def __init__(self, a0: Tensor, b: Tensor, c: Tensor) -> None:
         super().__init__()
         self.register_buffer("a0", a0.detach().clone())

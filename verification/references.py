@@ -71,7 +71,8 @@ def rel_err(a: TensorTree, b: TensorTree, *, tiny: float = 1e-300) -> float:
             x64, y64 = x.detach().to(torch.float64), y.detach().to(torch.float64)
             num += float((x64 - y64).pow(2).sum())
             den += float(y64.pow(2).sum())
-    return num ** 0.5 / max(den ** 0.5, tiny)
+    rel: float = num ** 0.5 / max(den ** 0.5, tiny)
+    return rel
 
 
 # ----------------------------------------------------------------------------------------------
@@ -255,7 +256,7 @@ def backprop_hessian(func: nn.Module, y0: Tensor, t: Tensor, loss_fn: Callable[[
         ys = torchdiffeq.odeint(f, y0, t, method=method, rtol=rtol, atol=atol, options=options)
         return loss_fn(ys)
 
-    hess: Tensor = torch.autograd.functional.hessian(loss_of, flat0)  # type: ignore[assignment]
+    hess: Tensor = torch.autograd.functional.hessian(loss_of, flat0)  # type: ignore[no-untyped-call]
     return hess
 
 
