@@ -187,6 +187,37 @@ def test_load_cifar10_from_generated_batches(tmp_path: Path) -> None:
     torch.testing.assert_close(s.x_test[1, 2, 0, :4], torch.from_numpy(last[1, 2048:2052]).float() / 255)
 
 
+def test_cifar10_and_svhn_are_found_where_torchvision_keeps_them(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without a root, the loaders search $SNOPT_DATA_DIR, ./data, ~/data, ... and say where they looked."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SNOPT_DATA_DIR", str(tmp_path / "store"))
+    with pytest.raises(D.DatasetNotFoundError, match="store.*SNOPT_DATA_DIR"):
+        D.load_cifar10()
+    with pytest.raises(D.DatasetNotFoundError, match="store.*SNOPT_DATA_DIR"):
+        D.load_svhn()
+    folder = tmp_path / "store" / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {b"data": rng.integers(0, 256, (2, 3072), dtype=np.uint8), b"labels": [7, 2]}
+        (folder / name).write_bytes(pickle.dumps(batch))
+    s = D.load_cifar10()
+    assert s.meta["source"] == str(folder) and s.x_train.shape == (10, 3, 32, 32)
+    (folder / "data_batch_3").unlink()  # an incomplete copy is not taken for the data set
+    with pytest.raises(D.DatasetNotFoundError, match="data_batch_1..5"):
+        D.load_cifar10()
+    sio = pytest.importorskip("scipy.io", reason="scipy not installed")
+    svhn = tmp_path / "data" / "svhn"  # ./data/svhn, the second place searched
+    svhn.mkdir(parents=True)
+    for name, n in (("train_32x32.mat", 4), ("test_32x32.mat", 2)):
+        sio.savemat(svhn / name, {"X": rng.integers(0, 256, (32, 32, 3, n), dtype=np.uint8),
+                                  "y": np.array([[1], [2], [3], [10]][:n], dtype=np.uint8)})
+    s = D.load_svhn()
+    assert s.meta["source"] == str(Path("data") / "svhn") and s.y_train.tolist() == [1, 2, 3, 0]
+
+
 def test_load_svhn_from_generated_mat(tmp_path: Path) -> None:
     sio = pytest.importorskip("scipy.io", reason="scipy not installed")
     rng = np.random.default_rng(0)

@@ -237,14 +237,17 @@ def load_mnist(root: str | Path | None = None, *, subset: int | None = None, tes
                              standardize=standardize)
 
 
-def load_cifar10(root: str | Path, *, subset: int | None = None, test_subset: int | None = None, seed: int = 0,
-                 dtype: torch.dtype = torch.float32, flatten: bool = False, standardize: bool = False) -> Split:
+def load_cifar10(root: str | Path | None = None, *, subset: int | None = None, test_subset: int | None = None,
+                 seed: int = 0, dtype: torch.dtype = torch.float32, flatten: bool = False,
+                 standardize: bool = False) -> Split:
     """CIFAR-10 (50,000 + 10,000 32×32 colour images) from torchvision's ``cifar-10-batches-py`` files.
 
     The batches are Python pickles: read only files you trust.
 
     Args:
-        root: Folder holding ``cifar-10-batches-py/`` (or that folder itself).
+        root: Folder holding ``cifar-10-batches-py/`` (or that folder itself); None: the first of
+            ``$SNOPT_DATA_DIR``, ``./data``, ``~/data``, ``~/.torch/datasets`` and
+            ``~/.cache/torchvision`` that holds it.
         subset: Keep this many random training images (seeded).
         test_subset: Keep this many random test images (seeded).
         seed: Seed of the subsets.
@@ -259,13 +262,15 @@ def load_cifar10(root: str | Path, *, subset: int | None = None, test_subset: in
         DatasetNotFoundError: When the batch files are not there.
     """
     _check_float_dtype(dtype)
-    r = Path(root).expanduser()
-    folder = next((f for f in (r / "cifar-10-batches-py", r) if (f / "test_batch").is_file()), None)
     names = [f"data_batch_{i}" for i in range(1, 6)]
-    if folder is None or not all((folder / n).is_file() for n in names):
+    roots = [Path(root).expanduser()] if root is not None else _default_roots()
+    candidates = [f for r in roots for f in (r / "cifar-10-batches-py", r)]
+    folder = next((f for f in candidates if all((f / n).is_file() for n in [*names, "test_batch"])), None)
+    if folder is None:
         raise DatasetNotFoundError(
-            f"CIFAR-10 not found under {r}: expected cifar-10-batches-py/ with data_batch_1..5 and test_batch (the "
-            "python version that torchvision.datasets.CIFAR10 downloads). No offline package ships it.")
+            f"CIFAR-10 not found under {', '.join(map(str, roots))}: expected cifar-10-batches-py/ with "
+            "data_batch_1..5 and test_batch (the python version that torchvision.datasets.CIFAR10 downloads; "
+            "pass its folder, or set SNOPT_DATA_DIR to the folder above it). No offline package ships it.")
 
     def batch(name: str) -> tuple[Tensor, Tensor]:
         with open(folder / name, "rb") as fh:
@@ -282,14 +287,17 @@ def load_cifar10(root: str | Path, *, subset: int | None = None, test_subset: in
                    standardize=standardize)
 
 
-def load_svhn(root: str | Path, *, subset: int | None = None, test_subset: int | None = None, seed: int = 0,
-              dtype: torch.dtype = torch.float32, flatten: bool = False, standardize: bool = False) -> Split:
+def load_svhn(root: str | Path | None = None, *, subset: int | None = None, test_subset: int | None = None,
+              seed: int = 0, dtype: torch.dtype = torch.float32, flatten: bool = False,
+              standardize: bool = False) -> Split:
     """SVHN (73,257 + 26,032 32×32 colour digits) from torchvision's ``train_32x32.mat``/``test_32x32.mat``.
 
     Reading the MATLAB files needs scipy. Label 10 (digit 0) becomes 0, as in torchvision.
 
     Args:
-        root: Folder holding the two ``.mat`` files.
+        root: Folder holding the two ``.mat`` files; None: the first of ``$SNOPT_DATA_DIR``,
+            ``./data``, ``~/data``, ``~/.torch/datasets`` and ``~/.cache/torchvision`` (or its
+            ``svhn/`` subfolder) that holds them.
         subset: Keep this many random training images (seeded).
         test_subset: Keep this many random test images (seeded).
         seed: Seed of the subsets.
@@ -304,11 +312,15 @@ def load_svhn(root: str | Path, *, subset: int | None = None, test_subset: int |
         DatasetNotFoundError: When the files are not there.
     """
     _check_float_dtype(dtype)
-    r = Path(root).expanduser()
-    files = [r / "train_32x32.mat", r / "test_32x32.mat"]
-    if not all(f.is_file() for f in files):
-        raise DatasetNotFoundError(f"SVHN not found under {r}: expected train_32x32.mat and test_32x32.mat (as "
-                                   "torchvision.datasets.SVHN downloads them). No offline package ships it.")
+    roots = [Path(root).expanduser()] if root is not None else _default_roots()
+    stems = ("train_32x32.mat", "test_32x32.mat")
+    r = next((f for q in roots for f in (q, q / "svhn") if all((f / s).is_file() for s in stems)), None)
+    if r is None:
+        raise DatasetNotFoundError(
+            f"SVHN not found under {', '.join(map(str, roots))}: expected train_32x32.mat and test_32x32.mat (as "
+            "torchvision.datasets.SVHN downloads them; pass their folder, or set SNOPT_DATA_DIR to it). No "
+            "offline package ships it.")
+    files = [r / s for s in stems]
     sio = require("scipy.io", "scipy")
 
     def part(path: Path) -> tuple[Tensor, Tensor]:
