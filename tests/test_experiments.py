@@ -365,3 +365,92 @@ def test_cosine_schedule_follows_the_formula_and_ends_at_zero(optimizer: str) ->
     assert opt.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-15)
     with pytest.raises(ValueError, match="schedule"):
         RunConfig(task="digits", schedule="linear")
+
+
+# --- MNIST / CIFAR-10 / SVHN (the user's torchvision files) ------------------------------------------------------
+
+
+def _fake_cifar10(root: Path, per_batch: int = 8) -> None:
+    import pickle
+
+    import numpy as np
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {b"data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
+                 b"labels": [int(k) for k in rng.integers(0, 10, per_batch)]}
+        (folder / name).write_bytes(pickle.dumps(batch))
+
+
+def test_paper_presets_follow_the_authors_scripts_per_data_set() -> None:
+    """scripts/run_img_clf.sh of the authors' code: epochs, rates, weight decay and eps per data set."""
+    for task, epochs, per_epoch, lrs, wd, eps in (
+            ("mnist", 5, 469, {"adam": 1e-3, "sgd": 0.02, "snopt": 0.02}, {}, 0.05),
+            ("svhn", 10, 573, {"adam": 5e-4, "sgd": 0.02, "snopt": 0.01}, {"adam": 1e-3, "snopt": 1e-4}, 0.05),
+            ("cifar10", 20, 391, {"adam": 1e-3, "sgd": 0.01, "snopt": 0.01}, {"adam": 1e-3}, 0.03)):
+        for name in ("snopt", "adam", "sgd"):
+            cfg = RunConfig(task=task, optimizer=name, preset="paper")  # type: ignore[arg-type]
+            res = resolve(cfg, task_defaults(cfg))
+            assert (res.iterations, res.batch_size, res.lr, res.snopt_eps, res.snopt_freq) == (
+                epochs * per_epoch, 128, lrs[name], eps, 100)
+            assert res.weight_decay == wd.get(name, 0.0)
+            assert (res.options["hidden"], res.options["pool"]) == (64, 1)
+            # an explicit weight decay, 0 included, wins over the preset's
+            assert resolve(replace(cfg, weight_decay=0.0), task_defaults(cfg)).weight_decay == 0.0
+    with pytest.raises(ValueError, match="weight_decay"):
+        RunConfig(weight_decay=-1e-4)
+
+
+@pytest.mark.parametrize(("optimizer", "expected"), [("adam", 1e-3), ("sgd", 0.0), ("snopt", 0.0)])
+def test_cifar10_trains_on_the_users_files_with_the_papers_weight_decay(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, optimizer: str, expected: float) -> None:
+    from snopt.experiments._common import resolve_device
+    from snopt.experiments._runner import make_stepper, make_task
+    _fake_cifar10(tmp_path)
+    monkeypatch.setenv("SNOPT_DATA_DIR", str(tmp_path))
+    cfg = RunConfig(task="cifar10", optimizer=optimizer, preset="paper", iterations=2, batch_size=8,  # type: ignore[arg-type]
+                    eval_every=2, snopt_freq=1, options={"hidden": 4, "eval_train": 16})
+    res = resolve(cfg, task_defaults(cfg))
+    task = make_task(cfg, res, resolve_device("cpu"))
+    assert task.data.x_train.shape == (40, 3, 32, 32)  # type: ignore[attr-defined]
+    assert tuple(task.model.stem(task.data.x_train[:2]).shape) == (2, 4, 7, 7)  # type: ignore[attr-defined, operator]
+    _, opt = make_stepper(cfg, res, task)
+    groups = opt.base.param_groups if optimizer == "snopt" else opt.param_groups  # type: ignore[attr-defined]
+    assert {g["weight_decay"] for g in groups} == {expected}
+    r = train(cfg)
+    _check_run(r, 2)
+    assert r["task"]["dataset"] == "cifar10" and r["resolved"]["weight_decay"] == expected
+
+
+def test_svhn_trains_on_the_users_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import numpy as np
+    sio = pytest.importorskip("scipy.io", reason="scipy not installed")
+    rng = np.random.default_rng(0)
+    for name, n in (("train_32x32.mat", 24), ("test_32x32.mat", 8)):
+        sio.savemat(tmp_path / name, {"X": rng.integers(0, 256, (32, 32, 3, n), dtype=np.uint8),
+                                      "y": rng.integers(1, 11, (n, 1)).astype(np.uint8)})
+    monkeypatch.setenv("SNOPT_DATA_DIR", str(tmp_path))
+    cfg = RunConfig(task="svhn", optimizer="snopt", iterations=3, batch_size=8, eval_every=3, snopt_freq=2,
+                    options={"hidden": 4, "subset": None, "test_subset": None, "eval_train": 16})
+    r = train(cfg)
+    _check_run(r, 3)
+    assert r["task"]["dataset"] == "svhn" and r["task"]["num_parameters"] > 0
+
+
+def test_missing_image_data_is_named_not_a_child_traceback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    from snopt.data import DatasetNotFoundError
+    monkeypatch.setenv("SNOPT_DATA_DIR", str(tmp_path / "empty"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DatasetNotFoundError, match="CIFAR-10 not found"):
+        run(RunConfig(task="cifar10", optimizer="adam", iterations=1), isolate=True)
+    assert main(["cifar10", "--optimizer", "adam", "--iterations", "1", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: CIFAR-10 not found") and "SNOPT_DATA_DIR" in err and "Traceback" not in err
+
+
+def test_a_failing_child_run_reports_its_own_error() -> None:
+    with pytest.raises(RuntimeError, match=r"failed in its child process: \w+Error: .*\n\nThe child's traceback"):
+        run(RunConfig(task="digits", optimizer="adam", iterations=1, options={"hidden": 0}), isolate=True)

@@ -1,4 +1,4 @@
-"""Command line: ``python -m snopt.experiments {digits,fashion,timeseries,cnf,demo} [options]``.
+"""Command line: ``python -m snopt.experiments {digits,fashion,mnist,cifar10,svhn,timeseries,cnf,demo} [options]``.
 
 Examples::
 
@@ -7,6 +7,7 @@ Examples::
     python -m snopt.experiments timeseries --dataset BasicMotions --optimizer snopt
     python -m snopt.experiments cnf --dataset wine --optimizer adam --lr 0.01 --iterations 300
     python -m snopt.experiments fashion --preset paper --device cuda   # the paper's sizes, full data
+    python -m snopt.experiments cifar10 --preset paper --device cuda   # the authors' CIFAR-10 settings (your files)
     python -m snopt.experiments digits --optimizer newton-cg --iterations 20
 
 Each command trains the listed optimizers on the listed seeds, prints a table (mean ± std
@@ -20,6 +21,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from snopt.data import DatasetNotFoundError
 from snopt.experiments._common import OPTIMIZER_NAMES, PRESETS, TASK_NAMES, RunConfig, TaskName, resolve
 
 _COMMANDS = (*TASK_NAMES, "demo")
@@ -57,7 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="optimizer(s) to train (default: snopt adam sgd)")
     p.add_argument("--dataset", default=None,
                    help="data set: timeseries JapaneseVowels|BasicMotions; cnf circles|moons|8gaussians|pinwheel|"
-                        "checkerboard|wine|breast_cancer|old_faithful")
+                        "checkerboard|wine|breast_cancer|old_faithful (the image tasks are named by their data: "
+                        "digits, fashion, and mnist, cifar10, svhn from torchvision's files under $SNOPT_DATA_DIR, "
+                        "./data, ~/data, ~/.torch/datasets or ~/.cache/torchvision)")
     p.add_argument("--preset", choices=PRESETS, default="fast",
                    help="'fast' CPU-sized runs; 'paper' the paper's widths, data and hyper-parameters")
     p.add_argument("--seeds", nargs="+", type=int, default=[0], help="seeds (runs are interleaved seed-major)")
@@ -67,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", action="append", default=None, metavar="[OPT=]LR",
                    help="learning rate for all optimizers, or OPT=LR per optimizer (repeatable); default: preset's")
     p.add_argument("--momentum", type=float, default=0.9, help="momentum of SGD and of SNOpt's SGD base")
-    p.add_argument("--weight-decay", type=float, default=0.0, help="L2 penalty")
+    p.add_argument("--weight-decay", type=float, default=None,
+                   help="L2 penalty (default: preset's; 0 except under 'paper' on SVHN and CIFAR-10)")
     p.add_argument("--snopt-eps", type=float, default=None, help="SNOpt damping eps (default: preset's)")
     p.add_argument("--snopt-freq", type=int, default=None, help="SNOpt update_freq (default: preset's)")
     p.add_argument("--snopt-alpha", type=float, default=0.75, help="SNOpt second-moment decay")
@@ -145,8 +150,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     start = time.perf_counter()
-    result = compare(base, optimizers, args.seeds, out_dir=args.out, lrs=lrs, quiet=args.quiet,
-                     isolate=not args.no_isolate, plots=not args.no_plots, echo=None if args.quiet else print)
+    try:
+        result = compare(base, optimizers, args.seeds, out_dir=args.out, lrs=lrs, quiet=args.quiet,
+                         isolate=not args.no_isolate, plots=not args.no_plots, echo=None if args.quiet else print)
+    except DatasetNotFoundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if args.quiet:
         print(result["table"])
     print(f"\nwrote {len(result['files'])} files to {args.out}/ ({time.perf_counter() - start:.0f} s in all)")

@@ -28,8 +28,9 @@ from snopt.nn._ode_block import ODEBlock
 
 OptimizerName = Literal["snopt", "adam", "sgd", "newton-cg"]
 OPTIMIZER_NAMES: tuple[OptimizerName, ...] = ("snopt", "adam", "sgd", "newton-cg")
-TaskName = Literal["digits", "fashion", "timeseries", "cnf"]
-TASK_NAMES: tuple[TaskName, ...] = ("digits", "fashion", "timeseries", "cnf")
+TaskName = Literal["digits", "fashion", "mnist", "cifar10", "svhn", "timeseries", "cnf"]
+TASK_NAMES: tuple[TaskName, ...] = ("digits", "fashion", "mnist", "cifar10", "svhn", "timeseries", "cnf")
+IMAGE_TASKS: tuple[TaskName, ...] = ("digits", "fashion", "mnist", "cifar10", "svhn")
 Preset = Literal["fast", "paper"]
 PRESETS: tuple[Preset, ...] = ("fast", "paper")
 SCHEDULES = ("constant", "cosine")
@@ -58,6 +59,7 @@ class TaskDefaults:
         ode_only: The compared optimizer trains only the ODE blocks' parameters; the rest use
             Adam at `lr2` (the authors' time-series protocol).
         lr2: Adam's rate for the non-ODE parameters when `ode_only`.
+        weight_decay: L2 penalty per optimizer name (missing: 0).
         options: Task-specific settings (model width, solver, data subset, ...).
     """
 
@@ -74,6 +76,7 @@ class TaskDefaults:
     schedule: str = "constant"
     ode_only: bool = False
     lr2: float = 1e-3
+    weight_decay: dict[str, float] = field(default_factory=dict)
     options: dict[str, Any] = field(default_factory=dict)
 
 
@@ -82,7 +85,8 @@ class RunConfig:
     """Everything that defines one training run (JSON-serialisable).
 
     Attributes:
-        task: ``"digits"``, ``"fashion"``, ``"timeseries"`` or ``"cnf"``.
+        task: ``"digits"``, ``"fashion"``, ``"mnist"``, ``"cifar10"``, ``"svhn"`` (image classification),
+            ``"timeseries"`` or ``"cnf"``.
         optimizer: ``"snopt"``, ``"adam"``, ``"sgd"`` or ``"newton-cg"``.
         dataset: Data set within the task (e.g. ``"JapaneseVowels"``, ``"circles"``); None for the default.
         preset: ``"fast"`` (CPU-sized) or ``"paper"`` (the paper's sizes and hyper-parameters).
@@ -92,7 +96,8 @@ class RunConfig:
         eval_every: Iterations between evaluations (None: the preset's).
         lr: Learning rate (None: the preset's for this optimizer).
         momentum: Momentum of SGD (and of SNOpt's SGD base).
-        weight_decay: L2 penalty of the optimizer.
+        weight_decay: L2 penalty of the optimizer (None: the preset's for this optimizer, 0 unless the
+            paper's scripts set one).
         snopt_eps: SNOpt damping (None: the preset's).
         snopt_freq: SNOpt `update_freq` (None: the preset's).
         snopt_alpha: SNOpt second-moment decay.
@@ -121,7 +126,7 @@ class RunConfig:
     eval_every: int | None = None
     lr: float | None = None
     momentum: float = 0.9
-    weight_decay: float = 0.0
+    weight_decay: float | None = None
     snopt_eps: float | None = None
     snopt_freq: int | None = None
     snopt_alpha: float = 0.75
@@ -154,6 +159,8 @@ class RunConfig:
             raise ValueError(f"Unknown snopt_fisher {self.snopt_fisher!r}; choose one of {FISHERS}.")
         if self.snopt_kl_clip is not None and self.snopt_kl_clip < 0:
             raise ValueError(f"`snopt_kl_clip` must be ≥ 0 (0: off); got {self.snopt_kl_clip}.")
+        if self.weight_decay is not None and not self.weight_decay >= 0:
+            raise ValueError(f"`weight_decay` must be ≥ 0; got {self.weight_decay}.")
         for name in ("lr", "snopt_eps", "nfe_limit", "lr2"):
             value = getattr(self, name)
             if value is not None and not value > 0:
@@ -194,6 +201,7 @@ class Resolved:
     target_metric: float
     ode_only: bool
     lr2: float
+    weight_decay: float
     options: dict[str, Any]
 
 
@@ -226,7 +234,10 @@ def resolve(cfg: RunConfig, defaults: TaskDefaults) -> Resolved:
         target_loss=cfg.target_loss if cfg.target_loss is not None else defaults.target_loss,
         target_metric=cfg.target_metric if cfg.target_metric is not None else defaults.target_metric,
         ode_only=cfg.ode_only if cfg.ode_only is not None else defaults.ode_only,
-        lr2=cfg.lr2 if cfg.lr2 is not None else defaults.lr2, options={**defaults.options, **cfg.options})
+        lr2=cfg.lr2 if cfg.lr2 is not None else defaults.lr2,
+        weight_decay=(cfg.weight_decay if cfg.weight_decay is not None
+                      else defaults.weight_decay.get(cfg.optimizer, 0.0)),
+        options={**defaults.options, **cfg.options})
 
 
 @dataclass(frozen=True)
@@ -467,6 +478,7 @@ def iterate_chunks(n: int, size: int) -> Iterator[slice]:
 __all__ = [
     "OPTIMIZER_NAMES",
     "PRESETS",
+    "IMAGE_TASKS",
     "TASK_NAMES",
     "EpochSampler",
     "NewtonProblem",

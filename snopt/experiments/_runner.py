@@ -15,6 +15,7 @@ import multiprocessing
 import statistics
 import tempfile
 import time
+import traceback
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -25,8 +26,10 @@ import torch
 from torch import Tensor, nn
 
 from snopt.adjoint._solve import SolverError
+from snopt.data import DatasetNotFoundError
 from snopt.experiments._cnf import CNFTask, cnf_defaults
 from snopt.experiments._common import (
+    IMAGE_TASKS,
     NewtonProblem,
     Resolved,
     RunConfig,
@@ -46,7 +49,8 @@ from snopt.nn._ode_block import ODEBlock
 from snopt.optim._newton_cg import NewtonCG
 from snopt.optim._snopt import SNOpt
 
-DEFAULT_DATASETS = {"digits": "digits", "fashion": "fashion", "timeseries": "JapaneseVowels", "cnf": "circles"}
+DEFAULT_DATASETS = {"digits": "digits", "fashion": "fashion", "mnist": "mnist", "cifar10": "cifar10", "svhn": "svhn",
+                    "timeseries": "JapaneseVowels", "cnf": "circles"}
 
 
 def dataset_of(cfg: RunConfig) -> str:
@@ -64,7 +68,7 @@ def task_defaults(cfg: RunConfig) -> TaskDefaults:
         The task's `TaskDefaults`.
     """
     dataset = dataset_of(cfg)
-    if cfg.task in ("digits", "fashion"):
+    if cfg.task in IMAGE_TASKS:
         return image_defaults(dataset, cfg.preset)
     if cfg.task == "timeseries":
         return timeseries_defaults(dataset, cfg.preset)
@@ -83,7 +87,7 @@ def make_task(cfg: RunConfig, res: Resolved, device: torch.device) -> Task:
         The task.
     """
     seed_everything(cfg.seed)
-    if cfg.task in ("digits", "fashion"):
+    if cfg.task in IMAGE_TASKS:
         return ImageTask(cfg, res, device)
     if cfg.task == "timeseries":
         return TimeSeriesTask(cfg, res, device)
@@ -120,11 +124,11 @@ def make_stepper(cfg: RunConfig, res: Resolved, task: Task) -> tuple[Stepper, to
         params = [p for p in params if id(p) in ode_ids]
     opt: torch.optim.Optimizer
     if cfg.optimizer == "adam":
-        opt = torch.optim.Adam(params, lr=res.lr, weight_decay=cfg.weight_decay)
+        opt = torch.optim.Adam(params, lr=res.lr, weight_decay=res.weight_decay)
     elif cfg.optimizer == "sgd":
-        opt = torch.optim.SGD(params, lr=res.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        opt = torch.optim.SGD(params, lr=res.lr, momentum=cfg.momentum, weight_decay=res.weight_decay)
     else:
-        base = torch.optim.SGD(params, lr=res.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        base = torch.optim.SGD(params, lr=res.lr, momentum=cfg.momentum, weight_decay=res.weight_decay)
         opt = SNOpt(model, base, eps=res.snopt_eps, update_freq=res.snopt_freq, alpha=cfg.snopt_alpha,
                     full_precond=not res.ode_only, kl_clip=res.snopt_kl_clip)
     mc = opt if isinstance(opt, SNOpt) and res.snopt_fisher == "mc" else None  # Monte-Carlo Fisher statistics
@@ -132,7 +136,7 @@ def make_stepper(cfg: RunConfig, res: Resolved, task: Task) -> tuple[Stepper, to
         raise ValueError(f"snopt_fisher='mc' needs a classification task (labels sampled from the softmax); "
                          f"{cfg.task!r} has metric {task.metric!r}.")
     labels = torch.Generator().manual_seed(cfg.seed + 991)  # the sampled labels' own stream
-    opts = [opt] + ([torch.optim.Adam(others, lr=res.lr2, weight_decay=cfg.weight_decay)] if others else [])
+    opts = [opt] + ([torch.optim.Adam(others, lr=res.lr2, weight_decay=res.weight_decay)] if others else [])
     groups = [(g, float(g["lr"])) for o in opts for g in o.param_groups]
     done = [0]
 
@@ -280,7 +284,7 @@ def _train(cfg: RunConfig, *, quiet: bool) -> dict[str, Any]:
                      "snopt_kl_clip": res.snopt_kl_clip, "snopt_fisher": res.snopt_fisher,
                      "schedule": res.schedule,
                      "target_loss": res.target_loss, "target_metric": res.target_metric, "ode_only": res.ode_only,
-                     "lr2": res.lr2, "options": res.options},
+                     "lr2": res.lr2, "weight_decay": res.weight_decay, "options": res.options},
         "machine": machine_info(device),
         "task": {"name": task.name, "dataset": task.dataset, "metric": task.metric,
                  "higher_is_better": task.higher_is_better, "num_parameters": task.num_parameters()},
@@ -387,7 +391,12 @@ def summarize(result: dict[str, Any], *, target_metric: float | None = None) -> 
 
 
 def _child(cfg_dict: dict[str, Any], path: str, quiet: bool) -> None:
-    result = train(RunConfig.from_dict(cfg_dict), quiet=quiet)
+    try:
+        result = train(RunConfig.from_dict(cfg_dict), quiet=quiet)
+    except Exception as exc:  # reported by the parent (`run`), which knows the run
+        Path(path + ".error").write_text(json.dumps({"type": type(exc).__name__, "message": str(exc),
+                                                     "traceback": traceback.format_exc()}))
+        raise SystemExit(1) from None
     Path(path).write_text(json.dumps(result))
 
 
@@ -403,7 +412,9 @@ def run(cfg: RunConfig, *, quiet: bool = True, isolate: bool = False) -> dict[st
         The record of `train`.
 
     Raises:
-        RuntimeError: If the child process fails.
+        DatasetNotFoundError: If the task's data are not on this machine (the child's message: where
+            it looked and how to install them).
+        RuntimeError: If the child process fails otherwise (with the child's error and traceback).
     """
     if not isolate:
         return train(cfg, quiet=quiet)
@@ -413,6 +424,13 @@ def run(cfg: RunConfig, *, quiet: bool = True, isolate: bool = False) -> dict[st
         proc = ctx.Process(target=_child, args=(cfg.to_dict(), path, quiet))
         proc.start()
         proc.join()
+        error = Path(path + ".error")
+        if error.exists():
+            info = json.loads(error.read_text())
+            if info["type"] == DatasetNotFoundError.__name__:
+                raise DatasetNotFoundError(info["message"])
+            raise RuntimeError(f"The run {cfg.task}/{cfg.optimizer}/seed {cfg.seed} failed in its child process: "
+                               f"{info['type']}: {info['message']}\n\nThe child's traceback:\n{info['traceback']}")
         if proc.exitcode != 0 or not Path(path).exists():
             raise RuntimeError(f"The run {cfg.task}/{cfg.optimizer}/seed {cfg.seed} failed in its child process "
                                f"(exit code {proc.exitcode}); rerun with --no-isolate to see the traceback.")
