@@ -4,10 +4,8 @@ Training is swapped for three-iteration runs of the same tasks (real records, ab
 each), so the tables come from the structures a full benchmark produces.
 """
 
-import importlib.util
 import json
 import re
-import sys
 from dataclasses import replace
 from pathlib import Path
 from types import ModuleType
@@ -18,18 +16,7 @@ import pytest
 import snopt.experiments._runner as runner
 from snopt.experiments import RunConfig
 
-ROOT = Path(__file__).resolve().parents[1]
 REAL_RUN = runner.run
-
-
-@pytest.fixture(scope="module")
-def bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("run_applications", ROOT / "benchmarks" / "run_applications.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["run_applications"] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _stamp_free(text: str) -> list[str]:

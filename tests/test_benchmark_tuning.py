@@ -8,7 +8,6 @@ settings the committed benchmark table measured.
 import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -18,16 +17,6 @@ import pytest
 from snopt.experiments._runner import task_defaults
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("run_applications", ROOT / "benchmarks" / "run_applications.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["run_applications"] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _row(opt: str, lr: float, eps: float | None, seed: int, *, tl: float | None, tm: float | None,
