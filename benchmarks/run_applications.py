@@ -75,7 +75,9 @@ NOTES: dict[str, str] = {
     "cnf": "600 iterations: at the earlier 150 every optimizer sat on the same early plateau (final NLL 3.787–3.790, "
            "spread 0.005), so \"Adam's final NLL\" was noise. SNOpt runs without the trust region here (`kl_clip` "
            "1e-3 at lr 0.1 reached 3.66 vs 3.41 without, on a tuning seed). Its small damping eps (last section) "
-           "buys the low NLL at some risk: in the tuning, the next rung down diverged on one of the tuning seeds.",
+           "buys the low NLL at some risk: in the tuning, the next rung down diverged on one of the tuning seeds. "
+           "Where a SNOpt run above turned unstable late, docs/tuning.md §1 reruns it one rung more damped "
+           "(eps 0.003): a diagnostic, not the protocol's pick.",
 }
 TUNING_SEEDS = (100, 101, 102)
 # Initial grids, on the 1-3-10 ladder (×3 apart); `tune` extends a grid by a rung while the best setting sits at
