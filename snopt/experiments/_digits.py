@@ -9,7 +9,8 @@ ReLU, average pooling and a linear layer. 28×28 inputs get the paper's stem exa
 Data sets: ``digits`` (scikit-learn's 1,797 real 8×8 digits; the fast default), ``fashion``
 (Fashion-MNIST from local IDX files; a seeded subset under the ``fast`` preset), and, when the
 user has torchvision's files, ``mnist`` (28×28, the paper's stem) and ``cifar10`` / ``svhn``
-(3 × 32 × 32: the same stem gives a ``hidden × 7 × 7`` state).
+(3 × 32 × 32: the same stem gives a ``hidden × 7 × 7`` state, pooled globally; the authors'
+fixed 6 × 6 window drops its last row and column).
 """
 
 from collections.abc import Callable
@@ -82,7 +83,7 @@ def image_defaults(dataset: str, preset: str) -> TaskDefaults:
                 lr={"adam": 1e-3, "sgd": 0.02, "snopt": 0.02, "newton-cg": 1.0}, target_loss=0.05,
                 target_metric=0.95, snopt_eps=0.05, snopt_freq=100, options={**common, "hidden": 64, "pool": 1})
         p = _PAPER[dataset]
-        iterations = p["epochs"] * -(-p["train"] // 128)  # the authors count epochs of full batches of 128
+        iterations = p["epochs"] * -(-p["train"] // 128)  # epochs of batches of 128, the last one partial
         return TaskDefaults(
             iterations=iterations, batch_size=128, eval_every=100, lr={**p["lr"], "newton-cg": 1.0},
             target_loss=p["targets"][0], target_metric=p["targets"][1], snopt_eps=p["eps"], snopt_freq=100,
