@@ -402,6 +402,16 @@ def test_paper_presets_follow_the_authors_scripts_per_data_set() -> None:
         RunConfig(weight_decay=-1e-4)
 
 
+def test_timeseries_paper_preset_is_the_authors_spoken_arabic_digits_script() -> None:
+    """scripts/run_time_series.sh, spo-ad: the compared optimizer on the ODE only, Adam 3e-3 on the rest."""
+    for name, lr in (("adam", 3e-3), ("sgd", 0.01), ("snopt", 5e-3)):
+        cfg = RunConfig(task="timeseries", optimizer=name, preset="paper")  # type: ignore[arg-type]
+        res = resolve(cfg, task_defaults(cfg))
+        assert (res.lr, res.lr2, res.ode_only, res.batch_size, res.snopt_eps, res.snopt_freq) == (
+            lr, 3e-3, True, 128, 0.05, 100)
+        assert res.options["hidden"] == 32 and res.options["adjoint_norm"] == "seminorm"
+
+
 @pytest.mark.parametrize(("optimizer", "expected"), [("adam", 1e-3), ("sgd", 0.0), ("snopt", 0.0)])
 def test_cifar10_trains_on_the_users_files_with_the_papers_weight_decay(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, optimizer: str, expected: float) -> None:
