@@ -41,6 +41,7 @@ from run_applications import (
     OPTIMIZERS,
     RESULTS,
     TUNING_JSON,
+    append_run,
     best_settings,
     canonical_order,
     complete_seeds,
@@ -99,9 +100,6 @@ def card_slug(gpu: str) -> str:
     return (m.group(1) if m else re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-")).lower()
 
 
-
-
-
 def split_runs(runs: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Protocol runs (marked ``extra: false``) and the `--extra` ones."""
     return [r for r in runs if not r.get("extra")], [r for r in runs if r.get("extra")]
@@ -114,8 +112,6 @@ def gpu_machine_lines(runs: list[dict[str, Any]], jobs: int) -> list[str]:
             f"- torch {m['torch']}, Python {m['python']}, {m['torch_threads']} torch thread per run (each run a "
             f"fresh process), {jobs} runs at a time sharing the one GPU: every optimizer ran under that sharing, "
             "so the ratios compare like with like, and a run alone on the card would be faster"]
-
-
 
 
 def output_names(runs: list[dict[str, Any]], gpu: bool) -> tuple[str, str]:
@@ -265,12 +261,13 @@ def main(argv: list[str] | None = None) -> int:
             s = r["summary"]
             print(f"  {cfg.optimizer} (lr {cfg.lr:g}) seed {cfg.seed}: final accuracy {s['final_test_metric']:.4f}, "
                   f"{s['train_time']:.0f} s wall, {s['train_cpu_time']:.0f} CPU s", flush=True)
-            if args.log is not None:
-                with lock, args.log.open("a") as fh:
-                    fh.write(json.dumps(r) + "\n")
+            if write is not None:
+                with lock:
+                    write(r)
             return r
 
         lock = threading.Lock()
+        write = None if args.log is None else append_run(args.log)
         with ThreadPoolExecutor(args.jobs) as pool:
             runs = list(pool.map(one, jobs))
         seeds, elapsed, left_out = args.seeds, time.perf_counter() - start, []
