@@ -77,3 +77,45 @@ def test_from_log_without_a_finished_seed_fails(bench: ModuleType, tmp_path: Pat
     log.write_text("")
     with pytest.raises(SystemExit, match="holds no finished seed"):
         bench.main(["--tasks", "digits", "--from-log", str(log), "--out", str(tmp_path)])
+
+
+def test_paper_preset_runs_the_authors_settings_into_its_own_table(bench: ModuleType, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    asked: list[RunConfig] = []
+
+    def tiny(cfg: RunConfig, quiet: bool = True, isolate: bool = False) -> dict[str, Any]:
+        asked.append(cfg)
+        return REAL_RUN(replace(cfg, iterations=3, eval_every=3), quiet=True)
+
+    monkeypatch.setattr(runner, "run", tiny)
+    log, live = tmp_path / "runs.jsonl", tmp_path / "live"
+    assert bench.main(["--preset", "paper", "--tasks", "digits", "--seeds", "0", "--log", str(log),
+                       "--out", str(live)]) == 0
+    # every run at the paper preset, with its own learning rate (not the tuning record's)
+    assert [(c.preset, c.lr, c.snopt_eps, c.snopt_kl_clip) for c in asked] == [("paper", None, None, None)] * 3
+    runs = bench.read_log(log)
+    assert {o: r["resolved"]["lr"] for r in runs for o in [r["config"]["optimizer"]]} == {
+        "snopt": 0.02, "adam": 1e-3, "sgd": 0.02}
+    snopt_run = next(r for r in runs if r["config"]["optimizer"] == "snopt")
+    assert (snopt_run["resolved"]["snopt_eps"], snopt_run["resolved"]["snopt_freq"]) == (0.05, 100)
+    assert not (live / "applications_cpu.md").exists()
+    text = (live / "applications_paper_cpu.md").read_text()
+    assert text.startswith("# Applications benchmark (CPU): SNOpt vs Adam vs SGD, at the paper's settings")
+    assert "Nothing here was tuned" in text and "## Tuning" not in text
+    assert "![digits](applications_paper_digits.png)" in text and (live / "applications_paper_digits.png").is_file()
+
+    # the log rewrites the same table; the fast preset's tables do not take the paper runs
+    again = tmp_path / "again"
+    asked.clear()
+    assert bench.main(["--preset", "paper", "--tasks", "digits", "--from-log", str(log), "--out", str(again)]) == 0
+    assert not asked
+    assert _stamp_free((again / "applications_paper_cpu.md").read_text()) == _stamp_free(text)
+    with pytest.raises(SystemExit, match="holds no finished seed"):
+        bench.main(["--tasks", "digits", "--from-log", str(log), "--out", str(again)])
+
+
+def test_paper_preset_refuses_tuning(bench: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--preset", "paper", "--tune", "--out", str(tmp_path)])
+    assert exc.value.code == 2
+    assert "--preset paper runs the authors' settings" in capsys.readouterr().err
