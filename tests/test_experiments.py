@@ -395,11 +395,28 @@ def test_paper_presets_follow_the_authors_scripts_per_data_set() -> None:
             assert (res.iterations, res.batch_size, res.lr, res.snopt_eps, res.snopt_freq) == (
                 epochs * per_epoch, 128, lrs[name], eps, 100)
             assert res.weight_decay == wd.get(name, 0.0)
+            # SGD gets the script's --momentum 0.9; SNOpt's SGD base the script's default, 0
+            assert res.momentum == {"sgd": 0.9, "snopt": 0.0}.get(name, 0.9)
             assert (res.options["hidden"], res.options["pool"]) == (64, 1)
             # an explicit weight decay, 0 included, wins over the preset's
             assert resolve(replace(cfg, weight_decay=0.0), task_defaults(cfg)).weight_decay == 0.0
     with pytest.raises(ValueError, match="weight_decay"):
         RunConfig(weight_decay=-1e-4)
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="momentum"):
+            RunConfig(momentum=bad)
+
+
+def test_momentum_follows_the_preset_unless_given() -> None:
+    """The paper's SNOpt runs (images, time series) and SGD runs (time series) have no momentum; ours elsewhere 0.9."""
+    expected = {("digits", "paper"): {"sgd": 0.9, "snopt": 0.0}, ("digits", "fast"): {"sgd": 0.9, "snopt": 0.9},
+                ("timeseries", "paper"): {"sgd": 0.0, "snopt": 0.0}, ("timeseries", "fast"): {"sgd": 0.9, "snopt": 0.9},
+                ("cnf", "paper"): {"sgd": 0.9, "snopt": 0.9}}
+    for (task, preset), by_name in expected.items():
+        for name, m in by_name.items():
+            cfg = RunConfig(task=task, optimizer=name, preset=preset)  # type: ignore[arg-type]
+            assert resolve(cfg, task_defaults(cfg)).momentum == m, (task, preset, name)
+            assert resolve(replace(cfg, momentum=0.5), task_defaults(cfg)).momentum == 0.5
 
 
 def test_timeseries_paper_preset_is_the_authors_spoken_arabic_digits_script() -> None:
@@ -410,6 +427,7 @@ def test_timeseries_paper_preset_is_the_authors_spoken_arabic_digits_script() ->
         assert (res.lr, res.lr2, res.ode_only, res.batch_size, res.snopt_eps, res.snopt_freq) == (
             lr, 3e-3, True, 128, 0.05, 100)
         assert res.options["hidden"] == 32 and res.options["adjoint_norm"] == "seminorm"
+        assert res.momentum == (0.9 if name == "adam" else 0.0)  # the script passes no --momentum (Adam ignores it)
 
 
 @pytest.mark.parametrize(("optimizer", "expected"), [("adam", 1e-3), ("sgd", 0.0), ("snopt", 0.0)])
@@ -428,9 +446,12 @@ def test_cifar10_trains_on_the_users_files_with_the_papers_weight_decay(
     _, opt = make_stepper(cfg, res, task)
     groups = opt.base.param_groups if optimizer == "snopt" else opt.param_groups  # type: ignore[attr-defined]
     assert {g["weight_decay"] for g in groups} == {expected}
+    if optimizer != "adam":  # the resolved momentum reaches SGD (0.9) and SNOpt's SGD base (0, as in the script)
+        assert {g["momentum"] for g in groups} == {0.9 if optimizer == "sgd" else 0.0}
     r = train(cfg)
     _check_run(r, 2)
     assert r["task"]["dataset"] == "cifar10" and r["resolved"]["weight_decay"] == expected
+    assert r["resolved"]["momentum"] == (0.0 if optimizer == "snopt" else 0.9)
 
 
 def test_svhn_trains_on_the_users_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

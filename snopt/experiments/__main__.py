@@ -70,7 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-every", type=int, default=None, help="iterations between evaluations")
     p.add_argument("--lr", action="append", default=None, metavar="[OPT=]LR",
                    help="learning rate for all optimizers, or OPT=LR per optimizer (repeatable); default: preset's")
-    p.add_argument("--momentum", type=float, default=0.9, help="momentum of SGD and of SNOpt's SGD base")
+    p.add_argument("--momentum", type=float, default=None,
+                   help="momentum of SGD and of SNOpt's SGD base (default: the preset's, 0.9; under --preset paper "
+                        "the authors' scripts' 0 for SNOpt on images and time series and for SGD on time series)")
     p.add_argument("--weight-decay", type=float, default=None,
                    help="L2 penalty (default: preset's; 0 except under 'paper' on SVHN and CIFAR-10)")
     p.add_argument("--snopt-eps", type=float, default=None, help="SNOpt damping eps (default: preset's)")

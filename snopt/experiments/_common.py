@@ -60,6 +60,8 @@ class TaskDefaults:
             Adam at `lr2` (the authors' time-series protocol).
         lr2: Adam's rate for the non-ODE parameters when `ode_only`.
         weight_decay: L2 penalty per optimizer name (missing: 0).
+        momentum: Momentum of SGD and of SNOpt's SGD base, per optimizer name (missing: 0.9). The
+            authors' scripts leave SNOpt's base (images, time series) and SGD (time series) at 0.
         options: Task-specific settings (model width, solver, data subset, ...).
     """
 
@@ -77,6 +79,7 @@ class TaskDefaults:
     ode_only: bool = False
     lr2: float = 1e-3
     weight_decay: dict[str, float] = field(default_factory=dict)
+    momentum: dict[str, float] = field(default_factory=dict)
     options: dict[str, Any] = field(default_factory=dict)
 
 
@@ -95,7 +98,8 @@ class RunConfig:
         batch_size: Mini-batch size (None: the preset's).
         eval_every: Iterations between evaluations (None: the preset's).
         lr: Learning rate (None: the preset's for this optimizer).
-        momentum: Momentum of SGD (and of SNOpt's SGD base).
+        momentum: Momentum of SGD (and of SNOpt's SGD base); None: the preset's for this optimizer (0.9
+            unless the paper's scripts set another).
         weight_decay: L2 penalty of the optimizer (None: the preset's for this optimizer, 0 unless the
             paper's scripts set one).
         snopt_eps: SNOpt damping (None: the preset's).
@@ -125,7 +129,7 @@ class RunConfig:
     batch_size: int | None = None
     eval_every: int | None = None
     lr: float | None = None
-    momentum: float = 0.9
+    momentum: float | None = None
     weight_decay: float | None = None
     snopt_eps: float | None = None
     snopt_freq: int | None = None
@@ -159,6 +163,8 @@ class RunConfig:
             raise ValueError(f"Unknown snopt_fisher {self.snopt_fisher!r}; choose one of {FISHERS}.")
         if self.snopt_kl_clip is not None and self.snopt_kl_clip < 0:
             raise ValueError(f"`snopt_kl_clip` must be ≥ 0 (0: off); got {self.snopt_kl_clip}.")
+        if self.momentum is not None and not 0 <= self.momentum < 1:
+            raise ValueError(f"`momentum` must be in [0, 1); got {self.momentum}.")
         if self.weight_decay is not None and not self.weight_decay >= 0:
             raise ValueError(f"`weight_decay` must be ≥ 0; got {self.weight_decay}.")
         for name in ("lr", "snopt_eps", "nfe_limit", "lr2"):
@@ -202,6 +208,7 @@ class Resolved:
     ode_only: bool
     lr2: float
     weight_decay: float
+    momentum: float
     options: dict[str, Any]
 
 
@@ -237,6 +244,7 @@ def resolve(cfg: RunConfig, defaults: TaskDefaults) -> Resolved:
         lr2=cfg.lr2 if cfg.lr2 is not None else defaults.lr2,
         weight_decay=(cfg.weight_decay if cfg.weight_decay is not None
                       else defaults.weight_decay.get(cfg.optimizer, 0.0)),
+        momentum=cfg.momentum if cfg.momentum is not None else defaults.momentum.get(cfg.optimizer, 0.9),
         options={**defaults.options, **cfg.options})
 
 

@@ -100,7 +100,7 @@ Stepper = Callable[[tuple[Tensor, ...]], float]
 def make_stepper(cfg: RunConfig, res: Resolved, task: Task) -> tuple[Stepper, torch.optim.Optimizer]:
     """The optimizer of `cfg` and a function doing one training step with it.
 
-    ``snopt``: `SNOpt` over SGD (momentum ``cfg.momentum``) with ``full_precond``; ``adam``;
+    ``snopt``: `SNOpt` over SGD (the resolved momentum) with ``full_precond``; ``adam``;
     ``sgd`` with momentum; ``newton-cg``: `NewtonCG` (Gauss-Newton, exact products) on the
     ODE block's parameters and Adam (the task's Adam rate) on the rest, each step. With
     ``ode_only`` the optimizer gets only the ODE blocks' parameters and Adam (``lr2``) the rest.
@@ -126,9 +126,9 @@ def make_stepper(cfg: RunConfig, res: Resolved, task: Task) -> tuple[Stepper, to
     if cfg.optimizer == "adam":
         opt = torch.optim.Adam(params, lr=res.lr, weight_decay=res.weight_decay)
     elif cfg.optimizer == "sgd":
-        opt = torch.optim.SGD(params, lr=res.lr, momentum=cfg.momentum, weight_decay=res.weight_decay)
+        opt = torch.optim.SGD(params, lr=res.lr, momentum=res.momentum, weight_decay=res.weight_decay)
     else:
-        base = torch.optim.SGD(params, lr=res.lr, momentum=cfg.momentum, weight_decay=res.weight_decay)
+        base = torch.optim.SGD(params, lr=res.lr, momentum=res.momentum, weight_decay=res.weight_decay)
         opt = SNOpt(model, base, eps=res.snopt_eps, update_freq=res.snopt_freq, alpha=cfg.snopt_alpha,
                     full_precond=not res.ode_only, kl_clip=res.snopt_kl_clip)
     mc = opt if isinstance(opt, SNOpt) and res.snopt_fisher == "mc" else None  # Monte-Carlo Fisher statistics
@@ -284,7 +284,8 @@ def _train(cfg: RunConfig, *, quiet: bool) -> dict[str, Any]:
                      "snopt_kl_clip": res.snopt_kl_clip, "snopt_fisher": res.snopt_fisher,
                      "schedule": res.schedule,
                      "target_loss": res.target_loss, "target_metric": res.target_metric, "ode_only": res.ode_only,
-                     "lr2": res.lr2, "weight_decay": res.weight_decay, "options": res.options},
+                     "lr2": res.lr2, "weight_decay": res.weight_decay, "momentum": res.momentum,
+                     "options": res.options},
         "machine": machine_info(device),
         "task": {"name": task.name, "dataset": task.dataset, "metric": task.metric,
                  "higher_is_better": task.higher_is_better, "num_parameters": task.num_parameters()},
