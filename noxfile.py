@@ -23,7 +23,7 @@ def tests(session: nox.Session) -> None:
     """Unit tests, the fast verification profile, mypy --strict and ruff: the CI gate."""
     _install(session, "test,experiments")
     session.run("ruff", "check", "snopt", "tests", "verification", "benchmarks", "examples", "scripts", "noxfile.py")
-    session.run("mypy", "--strict", "snopt", "benchmarks")
+    session.run("mypy", "--strict", "snopt", "benchmarks", "verification")
     session.run("pytest", "-q", "-m", "not slow", "-p", "no:cacheprovider", *session.posargs,
                 env={"SNOPT_HYPOTHESIS_PROFILE": "fast", "OMP_NUM_THREADS": "2"})
 
@@ -37,9 +37,9 @@ def verify(session: nox.Session) -> None:
 
 @nox.session(python="3.11")
 def typecheck(session: nox.Session) -> None:
-    """mypy --strict on the package and the benchmark scripts."""
+    """mypy --strict on the package, the benchmark scripts and the verification tree."""
     _install(session, "test,experiments")
-    session.run("mypy", "--strict", "snopt", "benchmarks")
+    session.run("mypy", "--strict", "snopt", "benchmarks", "verification")
 
 
 @nox.session(python="3.11")

@@ -17,7 +17,8 @@ class Field(torch.nn.Module):
 
     def forward(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         tt = t.expand(*x.shape[:-1], 1)
-        return self.l2(torch.tanh(self.l1(torch.cat([x, tt], -1))))
+        out: torch.Tensor = self.l2(torch.tanh(self.l1(torch.cat([x, tt], -1))))
+        return out
 
 
 def _problem(device: str, dtype: torch.dtype) -> tuple[Field, torch.Tensor, torch.Tensor]:
@@ -85,7 +86,7 @@ def test_snopt_steps_agree_cpu_gpu() -> None:
             x = torch.randn(8, 3, dtype=F64, generator=g).to(device)
             y = torch.randint(0, 4, (8,), generator=g).to(device)
             opt.zero_grad()
-            torch.nn.functional.cross_entropy(model(x), y).backward()
+            torch.nn.functional.cross_entropy(model(x), y).backward()  # type: ignore[no-untyped-call]
             opt.step()
         params[device] = torch.cat([p.detach().cpu().reshape(-1) for p in model.parameters()])
     assert _rel(params["cuda"], params["cpu"]) < 1e-9

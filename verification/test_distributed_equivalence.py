@@ -48,7 +48,8 @@ class ConvField(nn.Module):
         self.c2 = nn.Conv2d(c, c, 3, padding=1)
 
     def forward(self, t: Tensor, x: Tensor) -> Tensor:
-        return self.c2(torch.tanh(self.c1(x)))
+        out: Tensor = self.c2(torch.tanh(self.c1(x)))
+        return out
 
 
 def build_model(time_sharing: str) -> nn.Module:
@@ -98,7 +99,7 @@ def train(world: int, rank: int | None, time_sharing: str) -> dict[str, Any]:
         if rank is not None:
             x, y = x[rank * B_LOCAL:(rank + 1) * B_LOCAL], y[rank * B_LOCAL:(rank + 1) * B_LOCAL]
         opt.zero_grad()
-        F.cross_entropy(net(x), y).backward()
+        F.cross_entropy(net(x), y).backward()  # type: ignore[no-untyped-call]
         if rank is None and it % UPDATE_FREQ == 0:
             factors.append(_factors_dict({(ci, name): f for ci, c in enumerate(opt.collectors)
                                           for name, f in c.kron_factors().items()}))

@@ -34,6 +34,7 @@ and end closer to t1* than they started jointly.
 
 import math
 from dataclasses import dataclass
+from typing import Any, cast
 
 import pytest
 import torch
@@ -123,7 +124,7 @@ class Run:
 
 
 def _closed_form(block: snopt.ODEBlock, x0: float, y: float) -> tuple[HorizonDerivatives, ScalarDerivatives]:
-    a, t = float(block.func.a.detach()), float(block.t1.detach())
+    a, t = float(cast(ScalarLinear, block.func).a.detach()), float(block.t1.detach())
     d = scalar_derivatives(a, t, x0, y)
     hd = HorizonDerivatives(grad_t1=d.l_t, hess_t1=d.l_tt, hess_t1_params=torch.tensor([d.l_ta], dtype=torch.float64),
                             theta=torch.tensor([a], dtype=torch.float64))
@@ -159,7 +160,7 @@ def run_policy(policy: str, lr: float, *, rho: float, lam: float | None, a0: flo
         hd, d = derive(block, x0, y)
         if lam is not None:
             with torch.no_grad():
-                a = block.func.a
+                a: Tensor = cast(ScalarLinear, block.func).a
                 step = (d.l_a + lam * a) / max(abs(d.l_aa + lam), 1e-12)
                 a -= step.clamp(-A_STEP, A_STEP)  # the θ optimiser's own trust region
         ctrl.step(hd)
@@ -169,7 +170,7 @@ def run_policy(policy: str, lr: float, *, rho: float, lam: float | None, a0: flo
     return Run(ctrl.t1_history, hit)
 
 
-JOINT = {"rho": 1.0, "lam": 1.0, "a0": 0.3, "t0": 0.3, "x0": 1.0, "y": 3.0}
+JOINT: dict[str, Any] = {"rho": 1.0, "lam": 1.0, "a0": 0.3, "t0": 0.3, "x0": 1.0, "y": 3.0}
 
 
 def test_optimum_is_stationary() -> None:
@@ -202,7 +203,7 @@ def test_joint_counts_feedback_beats_open_loop_and_gradient() -> None:
 def test_fixed_theta_each_policy_converges() -> None:
     a, x0, y, rho = 1.0, 2.0, 3.0, 0.5
     t_star = optimal_t1_fixed(a, x0, y, rho)
-    common = {"rho": rho, "lam": None, "a0": a, "t0": 0.1, "x0": x0, "y": y, "target": t_star}
+    common: dict[str, Any] = {"rho": rho, "lam": None, "a0": a, "t0": 0.1, "x0": x0, "y": y, "target": t_star}
     fb = run_policy("feedback", 1.0, updates=50, **common)
     ol = run_policy("open_loop", 1.0, updates=50, **common)
     assert fb.hit is not None and ol.hit is not None
@@ -245,11 +246,11 @@ def test_no_divergence(policy: str, lr_unit: float, rho: float, t_init: float, j
     if joint:
         rho = min(rho, 2.0)  # y² > 4√(λρ) keeps the joint optimum real
         a_star, t_star = optimal_joint(1.0, 3.0, rho, lam)
-        case = {"lam": lam, "a0": 0.3, "x0": 1.0, "y": 3.0}
+        case: dict[str, Any] = {"lam": lam, "a0": 0.3, "x0": 1.0, "y": 3.0}
     else:
         t_star = optimal_t1_fixed(1.0, 2.0, 3.0, rho)
         case = {"lam": None, "a0": 1.0, "x0": 2.0, "y": 3.0}
-    r = run_policy(policy, lr, rho=rho, t0=t_init, target=t_star, updates=1500, min_t1=1e-3, **case)  # type: ignore[arg-type]
+    r = run_policy(policy, lr, rho=rho, t0=t_init, target=t_star, updates=1500, min_t1=1e-3, **case)
     # Fixed θ (J convex in t1): above t1* every step is negative, below it at most +50% (trust
     # region), so t1 ≤ max(t1(0), 1.5 t1*). Joint: t1*(a) moves with a; 2·max(t1(0), t1*) is an
     # empirical bound (≤ 1.92 over 600 random draws). (1 + 1e-6): the block stores t1 as float32 first.

@@ -32,7 +32,7 @@ errors of 74 (∂²L/∂t1²) and 0.83 (the Newton steps), dropping the δθ ter
 """
 
 from dataclasses import replace
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import torch
@@ -44,7 +44,7 @@ from torch.func import functional_call, hessian, jacrev
 import snopt
 from snopt.optim._horizon import HorizonController, HorizonDerivatives, horizon_derivatives
 from verification._second_order_refs import Case, ClosedFormReference, GridReference, cases
-from verification.references import rel_err, rk_solve
+from verification.references import LinearField, rel_err, rk_solve
 from verification.strategies import FieldSpec
 from verification.test_horizon_convergence import ScalarLinear, scalar_derivatives
 
@@ -79,7 +79,7 @@ def controller_quantities(block: snopt.ODEBlock, hd: HorizonDerivatives, dtheta:
     out: dict[str, float] = {}
     t0 = float(block.t0.detach())
     for policy in ("feedback", "open_loop", "gradient"):
-        ctrl = HorizonController(block, lr=0.7, reg=rho, update_freq=10**9, policy=policy,  # type: ignore[arg-type]
+        ctrl = HorizonController(block, lr=0.7, reg=rho, update_freq=10**9, policy=policy,
                                  curvature="exact", beta=0.0, min_t1=max(t0, 0.0) + 1e-3, max_rel_step=1e12)
         ctrl.step(hd)
         out[f"step_{policy}"] = ctrl.proposed_step()
@@ -145,7 +145,8 @@ def test_exact_vs_grid(case: Case, rho: float, seed: int) -> None:
 @given(case=forward_cases("linear"), rho=st.floats(min_value=0.0, max_value=2.0), seed=st.integers(0, 2**16))
 def test_exact_vs_closed_form_linear(case: Case, rho: float, seed: int) -> None:
     func, x0, t_span, loss_fn = case.build()
-    ref = ClosedFormReference(func.A.detach(), func.b.detach(), x0, t_span, loss_fn).blocks()
+    lin = cast(LinearField, func)
+    ref = ClosedFormReference(lin.A.detach(), lin.b.detach(), x0, t_span, loss_fn).blocks()
     errs = exact_errors(case, TIGHT, ref, rho=rho, seed=seed)
     assert max(errs.values()) <= TOL, (case, errs)
 
@@ -249,7 +250,7 @@ def gauss_newton_errors(seed: int, dim: int, batch: int, units: int, time_depend
                              params=list(model.parameters()))
     model.zero_grad()
     loss = nn.functional.cross_entropy(model(x), y, reduction="sum" if sum_loss else "mean")
-    loss.backward()
+    loss.backward()  # type: ignore[no-untyped-call]
     dtheta = 0.05 * torch.randn(theta0.numel(), generator=g, dtype=torch.float64)
     with torch.no_grad():  # the optimiser's step
         offset = 0
@@ -280,7 +281,7 @@ def test_hook_time_derivative_equals_autograd_t1_grad() -> None:
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(5, 3, generator=g, dtype=torch.float64), torch.randint(0, 4, (5,), generator=g)
     model.block.t1.requires_grad_(True)
-    nn.functional.cross_entropy(model(x), y).backward()
+    nn.functional.cross_entropy(model(x), y).backward()  # type: ignore[no-untyped-call]
     t1_grad = model.block.t1.grad
     assert t1_grad is not None
     ctrl.step()
@@ -294,7 +295,7 @@ def test_gauss_newton_is_not_exact() -> None:
     x, y = torch.randn(6, 2, generator=g, dtype=torch.float64), torch.randint(0, 3, (6,), generator=g)
     ref = GridLoss(model, x, y, steps=64)
     ctrl = HorizonController(model.block, policy="open_loop", update_freq=10**9, beta=0.0)
-    nn.functional.cross_entropy(model(x), y).backward()
+    nn.functional.cross_entropy(model(x), y).backward()  # type: ignore[no-untyped-call]
     ctrl.step()
     exact = float(torch.func.hessian(ref.mean, argnums=1)(ref.theta(), torch.tensor(0.5, dtype=torch.float64)))
     ratio = ctrl.statistics()["q_tt"] / exact

@@ -10,7 +10,8 @@ for every quantity compared.
 """
 
 import copy
-from typing import Any
+from collections.abc import Callable
+from typing import Any, cast
 
 import pytest
 import torch
@@ -180,7 +181,7 @@ def test_ggn_vp_hessian_roots_path_matches_autodiff_path() -> None:
         func, x0, t_span, loss_fn = case.build()
         v = _rand(_num_params(func), 5)
         with_roots = snopt.ggn_vp(func, x0, t_span, loss_fn, v, **GRID)
-        plain = snopt.ggn_vp(func, x0, t_span, lambda x, f=loss_fn: f(x), v, **GRID)
+        plain = snopt.ggn_vp(func, x0, t_span, cast(Callable[[Tensor], Tensor], lambda x, f=loss_fn: f(x)), v, **GRID)
         assert rel_err(with_roots, plain) <= TOL_ROUNDING
 
 

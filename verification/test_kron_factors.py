@@ -33,7 +33,7 @@ A over the k root solves, fixed in the same change.
 import math
 from collections.abc import Callable, Sequence
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import torch
@@ -177,7 +177,7 @@ def layer_io(func: nn.Module, t: Tensor, x: Tensor, a: Tensor) -> dict[str, tupl
 
     zeros = {n: torch.zeros(s, dtype=x.dtype) for n, s in shapes.items()}
     with torch.no_grad():
-        _, pull = torch.func.vjp(perturbed, zeros)
+        _, pull = cast(tuple[Any, Callable[[Tensor], tuple[Any, ...]]], torch.func.vjp(perturbed, zeros))
         (cot,) = pull(a)
     return {n: (m, inputs[n], cot[n].detach()) for n, m in layers}
 
@@ -205,7 +205,8 @@ def dense_path(func: nn.Module, x0: Tensor, loss_fn: LossFn, ts: Tensor, *, tol:
 
         def backward_rhs(t: Tensor, state: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
             x, a = state
-            f, pull = torch.func.vjp(lambda x_: func(t, x_), x)
+            f, pull = cast(tuple[Tensor, Callable[[Tensor], tuple[Tensor, ...]]],
+                           torch.func.vjp(lambda x_: func(t, x_), x))
             return f, -pull(a)[0]
 
         _, adj = torchdiffeq.odeint(backward_rhs, (xs[-1], a1), ts.flip(0), rtol=tol, atol=tol, method="dopri5")
@@ -269,7 +270,7 @@ def collect(func: nn.Module, x0: Tensor, loss_fn: LossFn, *, method: str, h: flo
     block.observer = collector
     collector.enabled = True
     try:
-        loss_fn(block(x0)).backward()
+        loss_fn(block(x0)).backward()  # type: ignore[no-untyped-call]
     finally:
         collector.remove()
         func.zero_grad(set_to_none=True)
@@ -402,7 +403,8 @@ def test_dropping_sqrt_locations_fails_the_conv_check(monkeypatch: pytest.Monkey
 
 
 def test_weight_one_instead_of_dt_fails(monkeypatch: pytest.MonkeyPatch) -> None:
-    real = collector_module.accumulate_
+    # not re-exported by the module, so read from its namespace (the same binding the collector calls)
+    real: Callable[..., None] = vars(collector_module)["accumulate_"]
     monkeypatch.setattr(collector_module, "accumulate_", lambda f, a, g, w: real(f, a, g, 1.0))
     errs = same_grid_errors("mlp-b3", "rk4")
     assert min(errs.values()) > 1.0, errs  # factors 8× too large

@@ -20,6 +20,7 @@ Three checks:
 """
 
 from collections.abc import Callable
+from typing import cast
 
 import torch
 import torch.nn.functional as F  # noqa: N812
@@ -37,6 +38,9 @@ C = 4  # classes
 
 class Classifier(nn.Module):
     """x0 ↦ logits W x(t1) + b: one Euler step of a `ConstInputField`, then a fixed linear readout."""
+
+    w: Tensor  # buffers (registered in __init__)
+    b: Tensor
 
     def __init__(self) -> None:
         super().__init__()
@@ -76,7 +80,8 @@ def test_expected_factors_over_the_models_labels_are_the_ggn_block() -> None:
     expected = {name: torch.zeros_like(h) for name, h in ggn.items()}
     for c in range(C):
         label = torch.tensor([c])
-        for name, k in gathered_kfac(model, lambda z, label=label: F.cross_entropy(z, label)).items():
+        loss_of_logits = cast(LossOfLogits, lambda z, label=label: F.cross_entropy(z, label))
+        for name, k in gathered_kfac(model, loss_of_logits).items():
             expected[name] += p[c] * k
     errs = {name: rel_err(expected[name], ggn[name]) for name in ggn}
     assert max(errs.values()) < TOL_EXACT, errs

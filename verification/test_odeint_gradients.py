@@ -9,7 +9,8 @@ test_odeint_mutation.py to show that each check fails on a planted bug.
 """
 
 import math
-from typing import Any
+from collections.abc import Callable
+from typing import Any, cast
 
 import pytest
 import torch
@@ -35,7 +36,7 @@ Grads = dict[str, Any]
 
 
 
-TIGHT = {"rtol": 1e-12, "atol": 1e-12}
+TIGHT: dict[str, Any] = {"rtol": 1e-12, "atol": 1e-12}
 
 # Tolerances, all relative (`rel_err`), float64 unless said otherwise.
 # Closed form vs dopri5 at rtol = atol = 1e-12: the global error of the forward and of the
@@ -67,7 +68,7 @@ def snopt_grads(problem: Problem, **kwargs: Any) -> Grads:
     t = problem.times().requires_grad_(True)
     ys = snopt.odeint(module, y0, t, **kwargs)
     assert ys.shape == (len(problem.t), *y0.shape)
-    problem.loss_fn()(ys).backward()
+    problem.loss_fn()(ys).backward()  # type: ignore[no-untyped-call]
     assert y0.grad is not None and t.grad is not None
     return {"y0": y0.grad, "t": t.grad, "params": {n: p.grad for n, p in module.named_parameters()}}
 
@@ -78,7 +79,7 @@ def closed_form_grads(problem: Problem) -> Grads:
     A, b = (m.requires_grad_(True) for m in problem.field.matrices())
     y0 = problem.y0().requires_grad_(True)
     t = problem.times().requires_grad_(True)
-    problem.loss_fn()(linear_solution(A, b, y0, t)).backward()
+    problem.loss_fn()(linear_solution(A, b, y0, t)).backward()  # type: ignore[no-untyped-call]
     return {"y0": y0.grad, "t": t.grad, "params": {"A": A.grad, "b": b.grad}}
 
 
@@ -87,7 +88,7 @@ def rk_reference_grads(problem: Problem, step: float, method: str = "rk4", dtype
     module = problem.field.build()
     if dtype is not None:
         module = module.to(dtype)
-    cast = (lambda x: x.to(dtype)) if dtype is not None else (lambda x: x)
+    cast: Callable[[Tensor], Tensor] = (lambda x: x.to(dtype)) if dtype is not None else (lambda x: x)
     params, y0, t = param_dict(module), cast(problem.y0()), cast(problem.times())
     steps = steps_for(t, step)
     loss_fn = problem.loss_fn()
@@ -217,7 +218,7 @@ def test_dopri5_gradients_match_backprop_through_torchdiffeq(problem: Problem) -
     # last step at each output time, so the discrete solution's dependence on t converges
     # slowly (measured: 1e-7 at tol 1e-10 and 2e-9 at 1e-12, while snopt's is 4e-10 and
     # 3e-12 from a 1e-13 solve): 1e-5 for t.
-    kw = {"method": "dopri5", "rtol": 1e-10, "atol": 1e-10}
+    kw: dict[str, Any] = {"method": "dopri5", "rtol": 1e-10, "atol": 1e-10}
     got = snopt_grads(problem, **kw)
     module = problem.field.build()
     ref = backprop_grads(module, problem.y0(), problem.times(), problem.loss_fn(), **kw)
@@ -282,8 +283,8 @@ def jvp_errors(problem: Problem, seed: int) -> dict[str, float]:
         out: Tensor = functional_call(Block(field, **TIGHT), {"field.A": A_, "field.b": b_}, (y_, t_))
         return out
 
-    _, jv = torch.func.jvp(solve, primals, tangents)
-    _, jv_exact = torch.func.jvp(lambda *a: linear_solution(*a), primals, tangents)
+    _, jv = cast(tuple[Tensor, Tensor], torch.func.jvp(solve, primals, tangents))
+    _, jv_exact = cast(tuple[Tensor, Tensor], torch.func.jvp(lambda *a: linear_solution(*a), primals, tangents))
     eps = JVP_FD_EPS
     plus = solve(*(p + eps * v for p, v in zip(primals, tangents)))
     minus = solve(*(p - eps * v for p, v in zip(primals, tangents)))
@@ -319,7 +320,7 @@ def vmap_errors(problem: Problem) -> dict[str, float]:
     grads = []
     for y in ys0:
         y_ = y.clone().requires_grad_(True)
-        loss_fn(run(y_)).backward()
+        loss_fn(run(y_)).backward()  # type: ignore[no-untyped-call]
         assert y_.grad is not None
         grads.append(y_.grad)
     return {"values": rel_err(batched, looped), "grads": rel_err(per_sample, torch.stack(grads))}

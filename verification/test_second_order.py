@@ -15,7 +15,7 @@ test_second_order_mutation.py to show each check fails when a term of the adjoin
 """
 
 import functools
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import torch
@@ -32,7 +32,7 @@ from verification._second_order_refs import (
     cases,
     result_blocks,
 )
-from verification.references import rel_err
+from verification.references import LinearField, rel_err
 
 # Step of the fixed grid: a power of two, so it divides the spans (multiples of 1/16) exactly.
 # The affine field gets a finer one: its θθ block is small and nearly singular (F_θ = [I, t I]
@@ -81,7 +81,8 @@ def closed_form_reference(case: Case) -> tuple[dict[str, Tensor], Tensor]:
     """(blocks, GGN) of the `matrix_exp` solution (cached)."""
     assert case.kind == "linear"
     func, x0, t_span, loss_fn = case.build()
-    ref = ClosedFormReference(func.A.detach(), func.b.detach(), x0, t_span, loss_fn)
+    lin = cast(LinearField, func)
+    ref = ClosedFormReference(lin.A.detach(), lin.b.detach(), x0, t_span, loss_fn)
     return ref.blocks(), ref.ggn()
 
 

@@ -19,6 +19,7 @@ the batch-size factor dropped, the old basis after a refresh) give relative erro
 """
 
 from collections.abc import Callable
+from typing import cast
 
 import pytest
 import torch
@@ -97,14 +98,16 @@ def _data(shape: tuple[int, ...]) -> tuple[Tensor, Tensor]:
 
 def grad_matrix(m: nn.Module) -> Tensor:
     """[∇W, ∇b] as (d_out, d_in), written out here."""
-    w = m.weight.grad.reshape(m.weight.shape[0], -1)  # type: ignore[union-attr]
-    return w if m.bias is None else torch.cat([w, m.bias.grad[:, None]], dim=1)  # type: ignore[index]
+    weight, bias = cast(Tensor, m.weight), cast(Tensor | None, m.bias)
+    w = cast(Tensor, weight.grad).reshape(weight.shape[0], -1)
+    return w if bias is None else torch.cat([w, cast(Tensor, bias.grad)[:, None]], dim=1)
 
 
 def weight_matrix(m: nn.Module) -> Tensor:
     """[W, b] as (d_out, d_in): a copy, never a view of the parameter."""
-    w = m.weight.detach().reshape(m.weight.shape[0], -1).clone()
-    return w if m.bias is None else torch.cat([w, m.bias.detach()[:, None]], dim=1)  # type: ignore[union-attr]
+    weight, bias = cast(Tensor, m.weight), cast(Tensor | None, m.bias)
+    w = weight.detach().reshape(weight.shape[0], -1).clone()
+    return w if bias is None else torch.cat([w, bias.detach()[:, None]], dim=1)
 
 
 class DenseEKFAC:
@@ -138,7 +141,7 @@ def snopt_steps(name: str, *, alpha: float, eps: float, steps: int, lr: float = 
     errs: dict[str, list[float]] = {layer.name: [] for layer in opt.layers}
     for k in range(steps):
         opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
+        F.cross_entropy(model(x), y).backward()  # type: ignore[no-untyped-call]
         if k % update_freq == 0:  # a collection iteration: read the factors before `step` consumes them
             for layer in opt.layers:
                 f = layer.collector.kron_factors()[layer.name]
@@ -205,7 +208,7 @@ def test_kl_clip_bounds_the_predicted_change_and_rejects_bad_values() -> None:
     x, y = _data(shape)
     opt = snopt.SNOpt(model, torch.optim.SGD(model.parameters(), lr=0.1), kl_clip=1e-4, update_freq=1)
     opt.zero_grad()
-    F.cross_entropy(model(x), y).backward()
+    F.cross_entropy(model(x), y).backward()  # type: ignore[no-untyped-call]
     refs = {}
     for layer in opt.layers:
         f = layer.collector.kron_factors()[layer.name]
@@ -241,7 +244,7 @@ def _displacement(name: str, *, lr: float, kl_clip: float | None, full_precond: 
     nus = []
     for _ in range(steps):
         opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
+        F.cross_entropy(model(x), y).backward()  # type: ignore[no-untyped-call]
         opt.step()
         nus.append(opt.last_clip)
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()]) - start, nus
