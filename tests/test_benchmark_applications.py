@@ -25,7 +25,8 @@ def _stamp_free(text: str) -> list[str]:
             if not ln.startswith(("Regenerate", "- load average"))]
 
 
-def test_from_log_rewrites_the_live_tables(bench: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def _tiny_runs(monkeypatch: pytest.MonkeyPatch) -> list[RunConfig]:
+    """Swap training for three-iteration real runs; the returned list collects every configuration asked for."""
     asked: list[RunConfig] = []
 
     def tiny(cfg: RunConfig, quiet: bool = True, isolate: bool = False) -> dict[str, Any]:
@@ -33,6 +34,11 @@ def test_from_log_rewrites_the_live_tables(bench: ModuleType, tmp_path: Path, mo
         return REAL_RUN(replace(cfg, iterations=3, eval_every=3), quiet=True)
 
     monkeypatch.setattr(runner, "run", tiny)
+    return asked
+
+
+def test_from_log_rewrites_the_live_tables(bench: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    asked = _tiny_runs(monkeypatch)
     log, live, again = tmp_path / "runs.jsonl", tmp_path / "live", tmp_path / "again"
     assert bench.main(["--tasks", "digits", "cnf", "--seeds", "0", "1", "--log", str(log), "--out", str(live)]) == 0
     assert [(c.task, c.seed, c.optimizer) for c in asked] == [
@@ -81,13 +87,7 @@ def test_from_log_without_a_finished_seed_fails(bench: ModuleType, tmp_path: Pat
 
 def test_paper_preset_runs_the_authors_settings_into_its_own_table(bench: ModuleType, tmp_path: Path,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    asked: list[RunConfig] = []
-
-    def tiny(cfg: RunConfig, quiet: bool = True, isolate: bool = False) -> dict[str, Any]:
-        asked.append(cfg)
-        return REAL_RUN(replace(cfg, iterations=3, eval_every=3), quiet=True)
-
-    monkeypatch.setattr(runner, "run", tiny)
+    asked = _tiny_runs(monkeypatch)
     log, live = tmp_path / "runs.jsonl", tmp_path / "live"
     assert bench.main(["--preset", "paper", "--tasks", "digits", "--seeds", "0", "--log", str(log),
                        "--out", str(live)]) == 0
