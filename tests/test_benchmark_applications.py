@@ -119,3 +119,39 @@ def test_paper_preset_refuses_tuning(bench: ModuleType, tmp_path: Path, capsys: 
         bench.main(["--preset", "paper", "--tune", "--out", str(tmp_path)])
     assert exc.value.code == 2
     assert "--preset paper runs the authors' settings" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("ratio", "bound", "strict", "expected"), [
+    (0.4, "=", False, "met"), (0.5, "=", False, "met"), (0.6, "=", False, "missed"),
+    (0.5, "=", True, "missed"),  # the CNF's "sooner" is strict
+    (0.4, "<=", False, "met"), (1.06, "<=", False, "undetermined"),
+    (0.6, ">=", False, "missed"), (0.3, ">=", False, "undetermined"),
+    (None, "n/a", False, "undetermined"),
+])
+def test_a_bound_settles_a_goal_only_on_its_own_side(bench: ModuleType, ratio: float | None, bound: str,
+                                                      strict: bool, expected: str) -> None:
+    assert bench.ratio_verdict({"ratio": ratio, "bound": bound}, 0.5, strict=strict) == expected
+
+
+def test_an_undecided_bound_reports_the_seeds_that_decide(bench: ModuleType) -> None:
+    # Adam missed on one seed; on the two where both reached the target SNOpt took 1.25-1.37x its time
+    both_slower = {"ratio": 1.5, "bound": "<=", "per_seed": [1.25, 1.37], "seeds": 3}
+    assert bench.ratio_verdict(both_slower, 0.5) == (
+        "undetermined (missed on the 2 of 3 seeds where both reached the target)")
+    one_faster = {"ratio": 1.5, "bound": "<=", "per_seed": [0.4, 1.37], "seeds": 3}
+    assert bench.ratio_verdict(one_faster, 0.5) == "undetermined"
+
+
+def test_verdicts_say_undetermined_where_the_other_optimizer_never_reached_the_target(bench: ModuleType) -> None:
+    # SGD missed both targets on every seed: SNOpt's time ÷ SGD's whole training time is only an upper bound
+    def r(x: float | None, bound: str) -> dict[str, Any]:
+        return {"ratio": x, "bound": bound, "per_seed": [], "seeds": 3}
+
+    ratios = {"snopt/adam": {k: r(0.76, "=") for k in ("loss", "loss_cpu", "metric", "metric_cpu")},
+              "snopt/sgd": {k: r(1.06, "<=") for k in ("loss", "loss_cpu")}
+              | {k: r(0.3, "<=") for k in ("metric", "metric_cpu")}}
+    agg = {name: {"final_test_metric": {"mean": m}} for name, m in (("snopt", 0.98), ("adam", 0.97), ("sgd", 0.6))}
+    lines = bench.verdicts("digits", {"aggregate": agg, "ratios": ratios})
+    tail = [ln.rsplit("— ", 1)[1] for ln in lines]
+    assert tail == ["**missed**"] * 4 + ["**undetermined**"] * 2 + ["**met**"] * 2 + ["**met**"]
+    assert "SNOpt ÷ sgd, time to the train-loss target (wall): <=1.06" in lines[4]
