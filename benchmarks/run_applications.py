@@ -40,6 +40,7 @@ import os
 import platform
 import statistics
 import sys
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -462,6 +463,160 @@ def verdicts(task: str, result: dict[str, Any]) -> list[str]:
     return out
 
 
+# `--decide`: where another optimizer missed a target that SNOpt reached, the ratio is only an upper bound and may
+# leave the ≤ TARGET_RATIO goal undetermined. A longer run of that optimizer (same seed: same initialisation and
+# batches, so its first iterations repeat the protocol run) settles it: either it reaches the target, giving the
+# ratio, or it misses it for longer than SNOpt's time ÷ TARGET_RATIO, so the goal is met on that seed.
+DECIDE_MARGIN = 1.25  # headroom over the iterations the goal needs, as the cost per iteration drifts
+TARGET_KEYS = (("loss", "time to the train-loss target"), ("metric", "time to the test-accuracy target"))
+
+
+def decide_plan(runs: list[dict[str, Any]]) -> list[RunConfig]:
+    """The longer runs that settle one task's undetermined ≤ `TARGET_RATIO` verdicts (CPU time).
+
+    For each seed and each optimizer that missed a target SNOpt reached on that seed without diverging (a
+    diverged run will never reach it: nothing to settle): enough iterations that still missing the target would
+    put its CPU time past SNOpt's ÷ `TARGET_RATIO`, at its measured CPU seconds per iteration, with
+    `DECIDE_MARGIN` headroom, rounded up to whole evaluation intervals.
+
+    Args:
+        runs: One task's protocol runs (records with summaries), SNOpt's among them.
+
+    Returns:
+        The configurations to run, each the protocol run's with more iterations.
+    """
+    snopt = {r["config"]["seed"]: r for r in runs if r["config"]["optimizer"] == "snopt"}
+    plan = []
+    for r in runs:
+        s = snopt.get(r["config"]["seed"])
+        if r["config"]["optimizer"] == "snopt" or s is None or r["diverged"] or r.get("extra"):
+            continue
+        done = r["summary"]["iterations_done"]
+        per_iteration = r["summary"]["train_cpu_time"] / max(1, done)
+        need = 0
+        for k, _ in TARGET_KEYS:
+            mine, theirs = s["summary"][f"cpu_time_to_target_{k}"], r["summary"][f"cpu_time_to_target_{k}"]
+            if mine is not None and theirs is None:
+                need = max(need, math.ceil(mine / TARGET_RATIO * DECIDE_MARGIN / per_iteration))
+        every = int(r["resolved"]["eval_every"])
+        need = -(-need // every) * every
+        if need > done:
+            plan.append(replace(RunConfig.from_dict(r["config"]), iterations=need))
+    return plan
+
+
+def planned_run(cfg: RunConfig, extended: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """A longer run in `extended` that stands for `cfg` (same task, preset, optimizer, seed and learning rate, at
+    least as many iterations), or None."""
+    want = (cfg.task, cfg.preset, cfg.optimizer, cfg.seed, cfg.lr)
+    for e in extended:
+        c = e["config"]
+        if (c["task"], c.get("preset", "fast"), c["optimizer"], c["seed"], c["lr"]) == want \
+                and (c["iterations"] or 0) >= (cfg.iterations or 0):
+            return e
+    return None
+
+
+def decided_lines(runs: list[dict[str, Any]], extended: list[dict[str, Any]]) -> tuple[list[str], list[str]]:
+    """The table of verdicts settled by longer runs, per seed (CPU time), and its verdict lines.
+
+    Only the comparisons whose protocol ratio is a bound (the other optimizer missed a target SNOpt reached)
+    are listed. Per seed: SNOpt's CPU time to the target ÷ the other's; a run that diverged before the target
+    will never reach it (ratio 0); a longer run that still missed it gives an upper bound.
+
+    Args:
+        runs: One task's protocol runs.
+        extended: The longer runs (`decide_plan`), with summaries.
+
+    Returns:
+        ``(table lines, verdict lines)``; both empty when nothing was undetermined or no longer run exists.
+    """
+    snopt = {r["config"]["seed"]: r for r in runs if r["config"]["optimizer"] == "snopt"}
+    seeds = sorted(snopt)
+    rows, verdict_out = [], []
+    for other in ("adam", "sgd"):
+        theirs = {r["config"]["seed"]: r for r in runs if r["config"]["optimizer"] == other and not r.get("extra")}
+        for k, what in TARGET_KEYS:
+            key = f"cpu_time_to_target_{k}"
+            if not any(snopt[sd]["summary"][key] is not None and sd in theirs and theirs[sd]["summary"][key] is None
+                       for sd in seeds):
+                continue
+            cells, outcomes, longer = [], [], False
+            for sd in seeds:
+                mine, o = snopt[sd]["summary"][key], theirs.get(sd)
+                if mine is None or o is None:
+                    cells.append("SNOpt missed it" if o is not None else "—")
+                    outcomes.append("undetermined")
+                    continue
+                if o["summary"][key] is not None:
+                    x, bound, how = mine / o["summary"][key], "=", "protocol run"
+                elif o["diverged"]:
+                    x, bound, how = 0.0, "=", f"{other} diverged at iteration {o['summary']['iterations_done']}"
+                else:
+                    cfg = next((c for c in decide_plan([snopt[sd], o])), None)
+                    e = planned_run(cfg, extended) if cfg is not None else None
+                    if e is None:
+                        x, bound = mine / o["summary"]["train_cpu_time"], "<="
+                        how = f"missed in its {o['summary']['iterations_done']} iterations; no longer run"
+                    else:
+                        longer, es = True, e["summary"]
+                        if es[key] is not None:
+                            x, bound = mine / es[key], "="
+                            how = f"reached at iteration {es[f'iterations_to_target_{k}']} of a longer run"
+                        elif e["diverged"]:
+                            x, bound = 0.0, "="
+                            how = f"a longer run diverged at iteration {es['iterations_done']} before reaching it"
+                        else:
+                            x, bound = mine / es["train_cpu_time"], "<="
+                            how = f"missed in a longer run of {es['iterations_done']} iterations"
+                outcomes.append(ratio_verdict({"ratio": x, "bound": bound}, TARGET_RATIO))
+                cells.append(f"{'' if bound == '=' else bound}{x:.2f} ({how})")
+            if not longer:
+                continue
+            n_met = outcomes.count("met")
+            verdict = ("met on every seed" if n_met == len(outcomes) else
+                       "missed on every seed" if outcomes.count("missed") == len(outcomes) else
+                       f"met on {n_met} of {len(outcomes)} seeds"
+                       + (f", missed on {outcomes.count('missed')}" if "missed" in outcomes else "")
+                       + (f", undetermined on {outcomes.count('undetermined')}" if "undetermined" in outcomes else ""))
+            rows.append(f"| {other} | {what.removeprefix('time to the ')} | " + " | ".join(cells) + f" | {verdict} |")
+            verdict_out.append(f"- SNOpt ÷ {other}, {what} (CPU), settled per seed by longer runs: **{verdict}** "
+                               f"(goal ≤ {TARGET_RATIO})")
+    if not rows:
+        return [], []
+    table = ["Settled by longer runs (`--decide`): where Adam or SGD missed a target that SNOpt reached, the ratio "
+             "above is only a bound. The same seed (same initialisation and batches) ran "
+             f"again for enough iterations that still missing the target would put its CPU time past SNOpt's ÷ "
+             f"{TARGET_RATIO} (with {DECIDE_MARGIN:g}× headroom); a run that diverged before the target never "
+             "reaches it (ratio 0). These runs only settle the verdicts: the tables above and the final metrics "
+             "stay at the protocol's budget. SNOpt's CPU time to the target ÷ the other's, per seed:", "",
+             "| SNOpt ÷ | target | " + " | ".join(f"seed {sd}" for sd in seeds) + " | goal ≤ 0.5 |",
+             "|---|---|" + "---|" * len(seeds) + "---|", *rows, ""]
+    return table, verdict_out
+
+
+def run_longer(plan: list[RunConfig], have: list[dict[str, Any]], jobs: int, log: Path | None) -> list[dict[str, Any]]:
+    """Run the configurations of `plan` that `have` holds no run for (`jobs` at a time, each in a fresh process),
+    marked ``extended`` and appended to `log`; returns the new runs."""
+    todo = [c for c in plan if planned_run(c, have) is None]
+    print(f"--decide: {len(todo)} longer run(s): " + ", ".join(f"{c.optimizer} seed {c.seed} to {c.iterations} "
+                                                             f"iterations" for c in todo), flush=True)
+    write, lock = (None if log is None else append_run(log)), threading.Lock()
+
+    def one(cfg: RunConfig) -> dict[str, Any]:
+        r = run(cfg, isolate=True)
+        r["extended"] = True
+        print(f"  {cfg.optimizer} seed {cfg.seed}, {cfg.iterations} iterations: "
+              f"{r['summary']['train_cpu_time']:.0f} CPU s", flush=True)
+        if write is not None:
+            with lock:
+                write(r)
+        return r
+
+    with ThreadPoolExecutor(max(1, jobs)) as pool:
+        return list(pool.map(one, todo))
+
+
 def overhead_lines(result: dict[str, Any]) -> list[str]:
     """SNOpt's per-iteration cost: collection vs other iterations, and vs Adam's and SGD's mean step."""
     coll: list[float] = []
@@ -612,7 +767,8 @@ TITLES = {"digits": "Image classification — sklearn digits (8×8, real)",
 
 
 def task_section(task: str, result: dict[str, Any], seeds: list[int], wall: float | None,
-                 left_out: list[dict[str, Any]] | None = None, *, preset: str = "fast") -> tuple[str, list[str]]:
+                 left_out: list[dict[str, Any]] | None = None, *, preset: str = "fast",
+                 extended: list[dict[str, Any]] | None = None) -> tuple[str, list[str]]:
     """One task's section of the results file (its plot is written separately) and its target verdicts.
 
     Args:
@@ -622,10 +778,12 @@ def task_section(task: str, result: dict[str, Any], seeds: list[int], wall: floa
         wall: The task's wall-clock in seconds (None: written from a log, where it was not recorded).
         left_out: Runs of seeds that did not finish every optimizer (named, not tabulated).
         preset: ``"fast"`` (the tuned presets) or ``"paper"`` (the authors' settings).
+        extended: Longer runs that settle undetermined verdicts (`decide_plan`), with summaries.
     """
     d = result["runs"][0]
     res = d["resolved"]
-    v = verdicts(task, result)
+    settled, settled_v = decided_lines(result["runs"], extended or []) if task != "cnf" else ([], [])
+    v = verdicts(task, result) + settled_v
     notes = PAPER_NOTES if preset == "paper" else NOTES
     text = "\n".join([
         f"## {TITLES[task].format(dataset=d['task']['dataset'])}", "",
@@ -635,7 +793,7 @@ def task_section(task: str, result: dict[str, Any], seeds: list[int], wall: floa
         f"SNOpt eps {res['snopt_eps']}, update_freq {res['snopt_freq']}, kl_clip {res.get('snopt_kl_clip')}; "
         f"seeds {seeds}." + ("" if wall is None else f" Wall-clock for this task: {wall:.0f} s."), "",
         *left_out_lines(left_out or []),
-        result["table"], "", *v, *overhead_lines(result), *stability_lines(result), "",
+        result["table"], "", *v, "", *settled, *overhead_lines(result), *stability_lines(result), "",
         *([notes[task], ""] if task in notes else []), f"![{task}]({plot_name(task, preset)})", ""])
     return text, v
 
@@ -661,6 +819,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--log", type=Path, default=None, help="append each finished run to this JSON-lines file")
     p.add_argument("--from-log", type=Path, default=None,
                    help="write the tables and plots from this --log file (or its .gz); no training")
+    p.add_argument("--decide", action="store_true",
+                   help="settle undetermined ≤ 0.5 verdicts (Adam or SGD missed a target SNOpt reached) by longer runs "
+                        "of those seeds, appended to --log (runs the log already holds are reused)")
     args = p.parse_args(argv)
     paper = args.preset == "paper"
     if paper and (args.tune or args.tune_only):
@@ -685,7 +846,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.from_log is not None:
             mine = [r for r in logged
                     if (r["config"]["task"], r["config"].get("preset", "fast")) == (task, args.preset)]
-            runs, left_out = complete_seeds(canonical_order(mine))
+            extended = [{**r, "summary": summarize(r)} for r in mine if r.get("extended")]
+            runs, left_out = complete_seeds(canonical_order([r for r in mine if not r.get("extended")]))
             if not runs:
                 print(f"[{task}] {args.from_log} holds no seed whose runs all finished: skipped", flush=True)
                 continue
@@ -704,10 +866,12 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             result = compare(base, OPTIMIZERS, seeds, out_dir=args.raw, lrs=lrs, isolate=True, plots=False,
                              echo=print, on_run=None if args.log is None else append_run(args.log))
-            wall, left_out = time.perf_counter() - t0, []
+            wall, left_out, extended = time.perf_counter() - t0, [], []
+        if args.decide and task != "cnf":
+            extended += run_longer(decide_plan(result["runs"]), extended, args.jobs, args.log)
         all_runs += result["runs"]
         plot_comparison(result["runs"], args.out / plot_name(task, args.preset))
-        text, v = task_section(task, result, seeds, wall, left_out, preset=args.preset)
+        text, v = task_section(task, result, seeds, wall, left_out, preset=args.preset, extended=extended)
         sections.append(text)
         summary_lines.extend([f"**{task}**:", "", *v, ""])
     if not all_runs:
