@@ -155,3 +155,112 @@ def test_verdicts_say_undetermined_where_the_other_optimizer_never_reached_the_t
     tail = [ln.rsplit("— ", 1)[1] for ln in lines]
     assert tail == ["**missed**"] * 4 + ["**undetermined**"] * 2 + ["**met**"] * 2 + ["**met**"]
     assert "SNOpt ÷ sgd, time to the train-loss target (wall): <=1.06" in lines[4]
+
+
+def _rec(opt: str, seed: int, *, per_it: float, done: int, loss_at: float | None = None,
+         metric_at: float | None = None, diverged: bool = False, iterations: int | None = None) -> dict[str, Any]:
+    """A run record reduced to what --decide reads: `loss_at` / `metric_at` are CPU seconds to the targets."""
+    def its(t: float | None) -> int | None:
+        return None if t is None else round(t / per_it)
+    return {"config": {"task": "digits", "preset": "paper", "optimizer": opt, "seed": seed, "lr": None,
+                       "iterations": iterations},
+            "resolved": {"eval_every": 10}, "diverged": f"iteration {done}: non-finite loss" if diverged else None,
+            "summary": {"iterations_done": done, "train_cpu_time": per_it * done,
+                        "cpu_time_to_target_loss": loss_at, "cpu_time_to_target_metric": metric_at,
+                        "iterations_to_target_loss": its(loss_at), "iterations_to_target_metric": its(metric_at)}}
+
+
+def test_decide_plan_runs_long_enough_that_a_continued_miss_meets_the_goal(bench: ModuleType) -> None:
+    runs = [_rec("snopt", 0, per_it=1.0, done=300, loss_at=100.0, metric_at=60.0),
+            _rec("sgd", 0, per_it=0.5, done=300),  # missed both in 150 CPU s
+            _rec("adam", 0, per_it=0.8, done=300, metric_at=90.0),  # missed only the loss target
+            _rec("snopt", 1, per_it=1.0, done=300, loss_at=100.0),
+            _rec("sgd", 1, per_it=0.5, done=200, diverged=True),  # will never reach it: nothing to settle
+            _rec("adam", 1, per_it=1.0, done=300, loss_at=150.0, metric_at=150.0),  # SNOpt missed the metric
+            ]
+    plan = bench.decide_plan(runs)
+    # sgd seed 0: 100 s / 0.5 goal x 1.25 headroom / 0.5 s per iteration = 500; adam seed 0: 312.5, rounded up to
+    # whole evaluation intervals
+    assert [(c.optimizer, c.seed, c.iterations, c.preset) for c in plan] == [("sgd", 0, 500, "paper"),
+                                                                            ("adam", 0, 320, "paper")]
+    # a budget already long enough needs no rerun
+    assert bench.decide_plan([runs[0], _rec("sgd", 0, per_it=1.0, done=300)]) == []
+
+
+def test_decided_lines_settle_each_seed_from_the_longer_runs(bench: ModuleType) -> None:
+    runs = [
+        _rec("snopt", 0, per_it=1.0, done=300, loss_at=100.0), _rec("sgd", 0, per_it=0.5, done=300),
+        _rec("snopt", 1, per_it=1.0, done=300, loss_at=100.0), _rec("sgd", 1, per_it=0.5, done=300),
+        _rec("snopt", 2, per_it=1.0, done=300, loss_at=100.0), _rec("sgd", 2, per_it=0.5, done=100, diverged=True),
+        _rec("snopt", 3, per_it=1.0, done=300, loss_at=100.0), _rec("sgd", 3, per_it=0.5, done=300)]
+    longer = [_rec("sgd", 0, per_it=0.5, done=500, loss_at=250.0, iterations=500),  # reached: 100 / 250 = 0.40
+              _rec("sgd", 1, per_it=0.5, done=500, iterations=500),  # still missed after 250 s: <= 0.40
+              _rec("sgd", 3, per_it=0.5, done=500, loss_at=150.0, iterations=500)]  # reached: 0.67
+    assert not bench.decided_lines(runs, [])[0]  # no longer run: nothing settled
+    table, lines = bench.decided_lines(runs, longer)
+    row = next(ln for ln in table if ln.startswith("| sgd | train-loss target"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[2].startswith("0.40 (reached at iteration 500")
+    assert cells[3].startswith("<=0.40 (missed in a longer run of 500 iterations")
+    assert cells[4].startswith("0.00 (sgd diverged at iteration 100")
+    assert cells[5].startswith("0.67 (reached")
+    assert cells[6] == "met on 3 of 4 seeds, missed on 1"
+    assert lines == ["- SNOpt ÷ sgd, time to the train-loss target (CPU), settled per seed by longer runs: "
+                     "**met on 3 of 4 seeds, missed on 1** (goal ≤ 0.5)"]
+    # a longer run shorter than the plan asks for does not stand for it
+    short = [{**e, "config": {**e["config"], "iterations": 400}} for e in longer]
+    assert not bench.decided_lines(runs, short)[0]
+
+
+def test_decide_reruns_the_undetermined_seeds_longer_and_the_log_rewrites_the_table(
+        bench: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the committed paper-preset log: SGD and Adam missed digits targets that SNOpt reached on some seeds
+    summarize = runner.summarize
+    committed = bench.RESULTS / "applications_paper_cpu_runs.jsonl.gz"
+    protocol = [r for r in bench.read_log(committed) if r["config"]["task"] == "digits"]
+    asked: list[RunConfig] = []
+
+    def longer(cfg: RunConfig, quiet: bool = True, isolate: bool = False) -> dict[str, Any]:
+        """The protocol run continued to cfg.iterations at its own CPU cost per iteration, reaching both targets
+        at its last evaluation."""
+        asked.append(cfg)
+        t = next(r for r in protocol if (r["config"]["optimizer"], r["config"]["seed"]) == (cfg.optimizer, cfg.seed))
+        n, extra = len(t["history"]["iteration"]), cfg.iterations - len(t["history"]["iteration"])
+        hist = {k: v + v[-1:] * extra for k, v in t["history"].items()}
+        hist["cpu_time"] = [t["history"]["cpu_time"][-1] * (i + 1) / n for i in range(cfg.iterations)]
+        ev = {k: v + v[-1:] for k, v in t["evals"].items()}
+        ev["iteration"][-1], ev["cpu_time"][-1], ev["time"][-1] = float(cfg.iterations), hist["cpu_time"][-1], \
+            hist["cpu_time"][-1]
+        ev["train_loss"][-1], ev["test_metric"][-1] = 0.01, 0.99
+        rec = {**t, "config": {**t["config"], "iterations": cfg.iterations}, "history": hist, "evals": ev}
+        return {**rec, "summary": summarize(rec)}
+
+    monkeypatch.setattr(bench, "run", longer)
+    log, out = tmp_path / "longer.jsonl", tmp_path / "out"
+    assert bench.main(["--preset", "paper", "--tasks", "digits", "--from-log", str(committed), "--decide",
+                       "--log", str(log), "--out", str(out)]) == 0
+    plan = bench.decide_plan([{**r, "summary": summarize(r)} for r in protocol])
+    assert plan and [(c.optimizer, c.seed, c.iterations) for c in asked] == [
+        (c.optimizer, c.seed, c.iterations) for c in plan]
+    new = bench.read_log(log)
+    assert len(new) == len(plan) and all(r["extended"] for r in new)
+    text = (out / "applications_paper_cpu.md").read_text()
+    assert "Settled by longer runs (`--decide`)" in text
+    assert "- SNOpt ÷ sgd, time to the train-loss target (CPU), settled per seed by longer runs: **met on every " \
+           "seed** (goal ≤ 0.5)" in text
+    # the protocol tables are unchanged by the longer runs
+    plain = tmp_path / "plain"
+    assert bench.main(["--preset", "paper", "--tasks", "digits", "--from-log", str(committed),
+                       "--out", str(plain)]) == 0
+    table = next(ln for ln in text.splitlines() if ln.startswith("| sgd | 0.02"))
+    assert table in (plain / "applications_paper_cpu.md").read_text()
+
+    # the whole log (protocol + longer runs) rewrites the same table without running anything
+    both = tmp_path / "both.jsonl"
+    both.write_text("".join(json.dumps(r) + "\n" for r in protocol + new))
+    asked.clear()
+    again = tmp_path / "again"
+    assert bench.main(["--preset", "paper", "--tasks", "digits", "--from-log", str(both), "--decide",
+                       "--out", str(again)]) == 0
+    assert not asked
+    assert _stamp_free((again / "applications_paper_cpu.md").read_text()) == _stamp_free(text)
