@@ -684,6 +684,12 @@ def format_table(agg: dict[str, dict[str, Any]], ratios: dict[str, dict[str, Any
                      f"{_fmt(a['final_train_loss'], 3)} | {_fmt(a['time_to_target_loss'], 1)} | "
                      f"{_fmt(a['time_to_target_metric'], 1)} | {_fmt(a['mean_step_time'], 3)} | {nfe} | "
                      f"{_fmt(a['peak_rss_mib'], 0)} |")
+    stopped = {name: a["test_metric_at_best_val"] for name, a in agg.items()
+               if a.get("test_metric_at_best_val", {}).get("mean") is not None}
+    if stopped:  # a table with a validation split (the tabular CNFs), where the final model may have overfitted
+        lines += ["", f"Test {metric} at the evaluation with the best validation {metric} (early stopping, as "
+                  "FFJORD reports tabular NLL): " + ", ".join(
+                      f"{name} {_fmt(st, 2 if pct > 1 else 3, pct)}" for name, st in stopped.items()) + "."]
     if ratios:
         lines.append("")
         lines.append("| SNOpt time-to-target ÷ | train loss (wall) | test metric (wall) | train loss (CPU) | "
