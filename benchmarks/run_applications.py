@@ -547,7 +547,7 @@ def decided_lines(runs: list[dict[str, Any]], extended: list[dict[str, Any]]) ->
             if not any(snopt[sd]["summary"][key] is not None and sd in theirs and theirs[sd]["summary"][key] is None
                        for sd in seeds):
                 continue
-            cells, outcomes, longer = [], [], False
+            cells, outcomes, longer, times = [], [], False, []  # times: (SNOpt's, the other's) where both reached it
             for sd in seeds:
                 mine, o = snopt[sd]["summary"][key], theirs.get(sd)
                 if mine is None or o is None:
@@ -556,6 +556,7 @@ def decided_lines(runs: list[dict[str, Any]], extended: list[dict[str, Any]]) ->
                     continue
                 if o["summary"][key] is not None:
                     x, bound, how = mine / o["summary"][key], "=", "protocol run"
+                    times.append((mine, o["summary"][key]))
                 elif o["diverged"]:
                     x, bound, how = 0.0, "=", f"{other} diverged at iteration {o['summary']['iterations_done']}"
                 else:
@@ -568,6 +569,7 @@ def decided_lines(runs: list[dict[str, Any]], extended: list[dict[str, Any]]) ->
                         longer, es = True, e["summary"]
                         if es[key] is not None:
                             x, bound = mine / es[key], "="
+                            times.append((mine, es[key]))
                             how = f"reached at iteration {es[f'iterations_to_target_{k}']} of a longer run"
                         elif e["diverged"]:
                             x, bound = 0.0, "="
@@ -585,6 +587,8 @@ def decided_lines(runs: list[dict[str, Any]], extended: list[dict[str, Any]]) ->
                        f"met on {n_met} of {len(outcomes)} seeds"
                        + (f", missed on {outcomes.count('missed')}" if "missed" in outcomes else "")
                        + (f", undetermined on {outcomes.count('undetermined')}" if "undetermined" in outcomes else ""))
+            if len(times) == len(seeds):  # every seed a measured ratio: also the tables' ratio of the means
+                verdict += f"; ratio of the means {sum(t[0] for t in times) / sum(t[1] for t in times):.2f}"
             rows.append(f"| {other} | {what.removeprefix('time to the ')} | " + " | ".join(cells) + f" | {verdict} |")
             verdict_out.append(f"- SNOpt ÷ {other}, {what} (CPU), settled per seed by longer runs: **{verdict}** "
                                f"(goal ≤ {TARGET_RATIO})")

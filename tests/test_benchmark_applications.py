@@ -207,6 +207,11 @@ def test_decided_lines_settle_each_seed_from_the_longer_runs(bench: ModuleType) 
     assert cells[6] == "met on 3 of 4 seeds, missed on 1"
     assert lines == ["- SNOpt ÷ sgd, time to the train-loss target (CPU), settled per seed by longer runs: "
                      "**met on 3 of 4 seeds, missed on 1** (goal ≤ 0.5)"]
+    # where every seed has a measured ratio, the verdict also gives the ratio of the means, as the tables do
+    reached = [_rec("sgd", 1, per_it=0.5, done=500, loss_at=200.0, iterations=500)]
+    table, lines = bench.decided_lines(runs[:4], [longer[0], *reached])
+    assert lines == ["- SNOpt ÷ sgd, time to the train-loss target (CPU), settled per seed by longer runs: "
+                     "**met on every seed; ratio of the means 0.44** (goal ≤ 0.5)"]  # 200 / (250 + 200)
     # a longer run shorter than the plan asks for does not stand for it
     short = [{**e, "config": {**e["config"], "iterations": 400}} for e in longer]
     assert not bench.decided_lines(runs, short)[0]
