@@ -558,7 +558,7 @@ def decided_lines(runs: list[dict[str, Any]], extended: list[dict[str, Any]]) ->
                     x, bound, how = mine / o["summary"][key], "=", "protocol run"
                     times.append((mine, o["summary"][key]))
                 elif o["diverged"]:
-                    x, bound, how = 0.0, "=", f"{other} diverged at iteration {o['summary']['iterations_done']}"
+                    x, bound, how = 0.0, "=", f"{other} diverged: {o['diverged'].split(':', 1)[0]}"
                 else:
                     cfg = next((c for c in decide_plan([snopt[sd], o])), None)
                     e = planned_run(cfg, extended) if cfg is not None else None
@@ -573,7 +573,7 @@ def decided_lines(runs: list[dict[str, Any]], extended: list[dict[str, Any]]) ->
                             how = f"reached at iteration {es[f'iterations_to_target_{k}']} of a longer run"
                         elif e["diverged"]:
                             x, bound = 0.0, "="
-                            how = f"a longer run diverged at iteration {es['iterations_done']} before reaching it"
+                            how = f"a longer run diverged before reaching it: {e['diverged'].split(':', 1)[0]}"
                         else:
                             x, bound = mine / es["train_cpu_time"], "<="
                             how = f"missed in a longer run of {es['iterations_done']} iterations"

@@ -202,7 +202,7 @@ def test_decided_lines_settle_each_seed_from_the_longer_runs(bench: ModuleType) 
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[2].startswith("0.40 (reached at iteration 500")
     assert cells[3].startswith("<=0.40 (missed in a longer run of 500 iterations")
-    assert cells[4].startswith("0.00 (sgd diverged at iteration 100")
+    assert cells[4].startswith("0.00 (sgd diverged: iteration 100)")
     assert cells[5].startswith("0.67 (reached")
     assert cells[6] == "met on 3 of 4 seeds, missed on 1"
     assert lines == ["- SNOpt ÷ sgd, time to the train-loss target (CPU), settled per seed by longer runs: "
