@@ -564,7 +564,8 @@ def decided_lines(runs: list[dict[str, Any]], extended: list[dict[str, Any]]) ->
                     e = planned_run(cfg, extended) if cfg is not None else None
                     if e is None:
                         x, bound = mine / o["summary"]["train_cpu_time"], "<="
-                        how = f"missed in its {o['summary']['iterations_done']} iterations; no longer run"
+                        how = (f"missed in its {o['summary']['iterations_done']} iterations"
+                               + ("; not yet run longer" if cfg is not None else ", long enough to settle it"))
                     else:
                         longer, es = True, e["summary"]
                         if es[key] is not None:
@@ -803,7 +804,8 @@ def task_section(task: str, result: dict[str, Any], seeds: list[int], wall: floa
         f"SNOpt eps {res['snopt_eps']}, update_freq {res['snopt_freq']}, kl_clip {res.get('snopt_kl_clip')}; "
         f"seeds {seeds}." + ("" if wall is None else f" Wall-clock for this task: {wall:.0f} s."), "",
         *left_out_lines(left_out or []),
-        result["table"], "", *v, "", *settled, *overhead_lines(result), *stability_lines(result), "",
+        result["table"], "", *v, *([""] + settled if settled else []), *overhead_lines(result),
+        *stability_lines(result), "",
         *([notes[task], ""] if task in notes else []), f"![{task}]({plot_name(task, preset)})", ""])
     return text, v
 
