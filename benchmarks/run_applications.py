@@ -606,26 +606,51 @@ def decided_lines(runs: list[dict[str, Any]], extended: list[dict[str, Any]]) ->
     return table, verdict_out
 
 
+def run_pool(jobs: list[tuple[RunConfig, dict[str, Any]]], workers: int, log: Path | None,
+             run_one: Callable[..., dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """Run each configuration in a fresh process, `workers` at a time, in order.
+
+    Each record gets its job's marks (e.g. ``{"extended": True}``), is summed up in one printed line and is
+    appended to `log` as it finishes, so an interrupted benchmark keeps what it ran.
+
+    Args:
+        jobs: ``(configuration, marks)`` pairs.
+        workers: Runs at a time.
+        log: The JSON-lines run log (None: none).
+        run_one: What trains one configuration (default: `run`; a caller passes its own module's, which tests
+            replace).
+
+    Returns:
+        The records, in the order of `jobs`.
+    """
+    write, lock = (None if log is None else append_run(log)), threading.Lock()
+
+    def one(job: tuple[RunConfig, dict[str, Any]]) -> dict[str, Any]:
+        cfg, marks = job
+        r = (run_one or run)(cfg, isolate=True)
+        r.update(marks)
+        s = r["summary"]
+        final = s["final_test_metric"]
+        final_text = "—" if final is None else f"{final:.4f}"
+        print(f"  {cfg.optimizer} (lr {r['resolved']['lr']:g}) seed {cfg.seed}, {s['iterations_done']} iterations: "
+              f"final {r['task']['metric']} {final_text}, {s['train_time']:.0f} s wall, "
+              f"{s['train_cpu_time']:.0f} CPU s" + (", diverged" if r["diverged"] else ""), flush=True)
+        if write is not None:
+            with lock:
+                write(r)
+        return r
+
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        return list(pool.map(one, jobs))
+
+
 def run_longer(plan: list[RunConfig], have: list[dict[str, Any]], jobs: int, log: Path | None) -> list[dict[str, Any]]:
     """Run the configurations of `plan` that `have` holds no run for (`jobs` at a time, each in a fresh process),
     marked ``extended`` and appended to `log`; returns the new runs."""
     todo = [c for c in plan if planned_run(c, have) is None]
     print(f"--decide: {len(todo)} longer run(s): " + ", ".join(f"{c.optimizer} seed {c.seed} to {c.iterations} "
                                                              f"iterations" for c in todo), flush=True)
-    write, lock = (None if log is None else append_run(log)), threading.Lock()
-
-    def one(cfg: RunConfig) -> dict[str, Any]:
-        r = run(cfg, isolate=True)
-        r["extended"] = True
-        print(f"  {cfg.optimizer} seed {cfg.seed}, {cfg.iterations} iterations: "
-              f"{r['summary']['train_cpu_time']:.0f} CPU s", flush=True)
-        if write is not None:
-            with lock:
-                write(r)
-        return r
-
-    with ThreadPoolExecutor(max(1, jobs)) as pool:
-        return list(pool.map(one, todo))
+    return run_pool([(c, {"extended": True}) for c in todo], jobs, log)
 
 
 def overhead_lines(result: dict[str, Any]) -> list[str]:

@@ -30,9 +30,7 @@ JSON-lines file as it ends, so an interrupted benchmark loses only its unfinishe
 import argparse
 import json
 import re
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -41,7 +39,6 @@ from run_applications import (
     OPTIMIZERS,
     RESULTS,
     TUNING_JSON,
-    append_run,
     best_settings,
     canonical_order,
     complete_seeds,
@@ -51,6 +48,7 @@ from run_applications import (
     overhead_lines,
     read_log,
     retune,
+    run_pool,
     stability_lines,
     tuning_section,
     verdicts,
@@ -254,23 +252,8 @@ def main(argv: list[str] | None = None) -> int:
                                               for c in kept if c.optimizer == "snopt" for name, lr in extra]
         jobs.sort(key=lambda j: j[0].seed)  # seed-major: an interrupted benchmark still leaves whole seeds
         jobs = [(replace(c, device=args.device, iterations=args.iterations or c.iterations), x) for c, x in jobs]
-
-        def one(job: tuple[RunConfig, bool]) -> dict[str, Any]:
-            cfg, is_extra = job
-            r = run(cfg, isolate=True)
-            r["extra"], r["jobs"] = is_extra, args.jobs
-            s = r["summary"]
-            print(f"  {cfg.optimizer} (lr {cfg.lr:g}) seed {cfg.seed}: final accuracy {s['final_test_metric']:.4f}, "
-                  f"{s['train_time']:.0f} s wall, {s['train_cpu_time']:.0f} CPU s", flush=True)
-            if write is not None:
-                with lock:
-                    write(r)
-            return r
-
-        lock = threading.Lock()
-        write = None if args.log is None else append_run(args.log)
-        with ThreadPoolExecutor(args.jobs) as pool:
-            runs = list(pool.map(one, jobs))
+        runs = run_pool([(cfg, {"extra": is_extra, "jobs": args.jobs}) for cfg, is_extra in jobs], args.jobs,
+                        args.log, run_one=run)
         seeds, elapsed, left_out = args.seeds, time.perf_counter() - start, []
     device = args.device
     text = report(runs, mine, out=args.out, seeds=seeds, jobs=args.jobs, elapsed=elapsed, device=device,
