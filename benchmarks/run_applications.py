@@ -523,12 +523,29 @@ def planned_run(cfg: RunConfig, extended: list[dict[str, Any]]) -> dict[str, Any
     return None
 
 
+def continued_cpu_time(run_: dict[str, Any], longer: dict[str, Any], t: float) -> float:
+    """A CPU-clock reading `t` of `longer` on `run_`'s clock: the time `run_` itself would have shown, continued.
+
+    Both runs compute the same iterations up to `run_`'s last (same seed, same batches), but a
+    later process on a shared machine may run them at another speed. So the iterations they share
+    are timed by `run_`'s own clock and only the rest by `longer`'s. Where the evaluations of the shared
+    iterations differ (not the same computation after all), `t` is returned unchanged.
+    """
+    n = run_["summary"]["iterations_done"]
+    mine, theirs = run_["history"]["cpu_time"], longer["history"]["cpu_time"]
+    shared = len(run_["evals"]["train_loss"])
+    if n < 1 or len(theirs) < n or longer["evals"]["train_loss"][:shared] != run_["evals"]["train_loss"]:
+        return t
+    return float(t) - float(theirs[n - 1]) + float(mine[n - 1])
+
+
 def decided_lines(runs: list[dict[str, Any]], extended: list[dict[str, Any]]) -> tuple[list[str], list[str]]:
     """The table of verdicts settled by longer runs, per seed (CPU time), and its verdict lines.
 
     Only the comparisons whose protocol ratio is a bound (the other optimizer missed a target SNOpt reached)
     are listed. Per seed: SNOpt's CPU time to the target ÷ the other's; a run that diverged before the target
-    will never reach it (ratio 0); a longer run that still missed it gives an upper bound.
+    will never reach it (ratio 0); a longer run that still missed it gives an upper bound. A longer run's
+    times are continued from the protocol run's clock (`continued_cpu_time`).
 
     Args:
         runs: One task's protocol runs.
@@ -569,14 +586,15 @@ def decided_lines(runs: list[dict[str, Any]], extended: list[dict[str, Any]]) ->
                     else:
                         longer, es = True, e["summary"]
                         if es[key] is not None:
-                            x, bound = mine / es[key], "="
-                            times.append((mine, es[key]))
+                            theirs_t = continued_cpu_time(o, e, es[key])
+                            x, bound = mine / theirs_t, "="
+                            times.append((mine, theirs_t))
                             how = f"reached at iteration {es[f'iterations_to_target_{k}']} of a longer run"
                         elif e["diverged"]:
                             x, bound = 0.0, "="
                             how = f"a longer run diverged before reaching it: {e['diverged'].split(':', 1)[0]}"
                         else:
-                            x, bound = mine / es["train_cpu_time"], "<="
+                            x, bound = mine / continued_cpu_time(o, e, es["train_cpu_time"]), "<="
                             how = f"missed in a longer run of {es['iterations_done']} iterations"
                 outcomes.append(ratio_verdict({"ratio": x, "bound": bound}, TARGET_RATIO))
                 cells.append(f"{'' if bound == '=' else bound}{x:.2f} ({how})")
@@ -598,7 +616,9 @@ def decided_lines(runs: list[dict[str, Any]], extended: list[dict[str, Any]]) ->
     table = ["Settled by longer runs (`--decide`): where Adam or SGD missed a target that SNOpt reached, the ratio "
              "above is only a bound. The same seed (same initialisation and batches) ran "
              f"again for enough iterations that still missing the target would put its CPU time past SNOpt's ÷ "
-             f"{TARGET_RATIO} (with {DECIDE_MARGIN:g}× headroom); a run that diverged before the target never "
+             f"{TARGET_RATIO} (with {DECIDE_MARGIN:g}× headroom); its iterations up to the protocol's budget repeat "
+             "the protocol run's, so they are timed by the protocol run's clock and only the rest by its own (the "
+             "machine's speed drifts between processes); a run that diverged before the target never "
              "reaches it (ratio 0). These runs only settle the verdicts: the tables above and the final metrics "
              "stay at the protocol's budget. SNOpt's CPU time to the target ÷ the other's, per seed:", "",
              "| SNOpt ÷ | target | " + " | ".join(f"seed {sd}" for sd in seeds) + " | goal ≤ 0.5 |",

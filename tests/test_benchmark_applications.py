@@ -165,6 +165,9 @@ def _rec(opt: str, seed: int, *, per_it: float, done: int, loss_at: float | None
     return {"config": {"task": "digits", "preset": "paper", "optimizer": opt, "seed": seed, "lr": None,
                        "iterations": iterations},
             "resolved": {"eval_every": 10}, "diverged": f"iteration {done}: non-finite loss" if diverged else None,
+            # the same computation whatever the run's length (same seed): evaluations agree on shared iterations
+            "history": {"cpu_time": [per_it * (i + 1) for i in range(done)]},
+            "evals": {"train_loss": [2.0 / (1 + i) for i in range(0, done + 1, 10)]},
             "summary": {"iterations_done": done, "train_cpu_time": per_it * done,
                         "cpu_time_to_target_loss": loss_at, "cpu_time_to_target_metric": metric_at,
                         "iterations_to_target_loss": its(loss_at), "iterations_to_target_metric": its(metric_at)}}
@@ -216,6 +219,14 @@ def test_decided_lines_settle_each_seed_from_the_longer_runs(bench: ModuleType) 
     table, lines = bench.decided_lines(runs[:4], [longer[0], *reached])
     assert lines == ["- SNOpt ÷ sgd, time to the train-loss target (CPU), settled per seed by longer runs: "
                      "**met on every seed; ratio of the means 0.44** (goal ≤ 0.5)"]  # 200 / (250 + 200)
+    # a later process running slower: the iterations both ran are timed by the protocol run's clock
+    slow = [_rec("sgd", 0, per_it=0.6, done=500, loss_at=300.0, iterations=500)]  # 180 s where the protocol took 150
+    cells = next(ln for ln in bench.decided_lines(runs[:2], slow)[0] if ln.startswith("| sgd")).split(" | ")
+    assert cells[2].startswith("0.37 (reached")  # 100 / (300 - 180 + 150)
+    # ... unless their evaluations differ: then they were not the same computation, and its own clock stands
+    other = [{**slow[0], "evals": {"train_loss": [9.0] * 51}}]
+    cells = next(ln for ln in bench.decided_lines(runs[:2], other)[0] if ln.startswith("| sgd")).split(" | ")
+    assert cells[2].startswith("0.33 (reached")  # 100 / 300
     # a longer run shorter than the plan asks for does not stand for it
     short = [{**e, "config": {**e["config"], "iterations": 400}} for e in longer]
     assert not bench.decided_lines(runs, short)[0]
