@@ -899,6 +899,7 @@ def main(argv: list[str] | None = None) -> int:
     sections: list[str] = []
     summary_lines: list[str] = []
     all_runs: list[dict[str, Any]] = []
+    settled_any = False  # some task's verdicts were settled by longer runs (`--decide`)
     for task in tasks:
         if args.from_log is not None:
             mine = [r for r in logged
@@ -927,6 +928,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.decide and task != "cnf":
             extended += run_longer(decide_plan(result["runs"]), extended, args.jobs, args.log)
         all_runs += result["runs"]
+        settled_any = settled_any or bool(extended)
         plot_comparison(result["runs"], args.out / plot_name(task, args.preset))
         text, v = task_section(task, result, seeds, wall, left_out, preset=args.preset, extended=extended)
         sections.append(text)
@@ -935,12 +937,14 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"{args.from_log} holds no finished seed of {tasks} ({args.preset} preset)")
     tuning = tuning_section(rows_here) if rows_here and not paper else None
     flag = " --preset paper" if paper else ""
+    decide = " --decide" if settled_any else ""
     head = [
         "# Applications benchmark (CPU): SNOpt vs Adam vs SGD" + (", at the paper's settings" if paper else ""), "",
-        ("Regenerate: `python benchmarks/run_applications.py --preset paper` (the authors' hyper-parameters, "
-         "untuned; the tuned comparison is applications_cpu.md). " if paper else
-         "Regenerate: `python benchmarks/run_applications.py` (add `--tune` to rerun the tuning grids first: "
-         "last section). ")
+        (f"Regenerate: `python benchmarks/run_applications.py --preset paper{decide}` (the authors' "
+         "hyper-parameters, untuned; the tuned comparison is applications_cpu.md). " if paper else
+         f"Regenerate: `python benchmarks/run_applications.py{decide}` (add `--tune` to rerun the tuning grids "
+         "first: last section). ")
+        + ("`--decide` adds the longer runs behind the \"Settled by longer runs\" tables. " if settled_any else "")
         + (f"Generated {time.strftime('%Y-%m-%d %H:%M %Z')} in {time.perf_counter() - start:.0f} s."
            if args.from_log is None else
            f"Generated {time.strftime('%Y-%m-%d %H:%M %Z')} from the runs recorded in `{args.from_log.name}` "

@@ -276,6 +276,9 @@ def test_decide_reruns_the_undetermined_seeds_longer_and_the_log_rewrites_the_ta
                        "--out", str(plain)]) == 0
     table = next(ln for ln in text.splitlines() if ln.startswith("| sgd | 0.02"))
     assert table in (plain / "applications_paper_cpu.md").read_text()
+    # the regenerating command names --decide where longer runs are behind the table
+    assert "Regenerate: `python benchmarks/run_applications.py --preset paper --decide`" in text
+    assert "--decide" not in (plain / "applications_paper_cpu.md").read_text().splitlines()[2]
 
     # the whole log (protocol + longer runs) rewrites the same table without running anything
     both = tmp_path / "both.jsonl"
