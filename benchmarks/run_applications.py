@@ -475,14 +475,18 @@ def verdicts(task: str, result: dict[str, Any]) -> list[str]:
 # ratio, or it misses it for longer than SNOpt's time ÷ TARGET_RATIO, so the goal is met on that seed.
 DECIDE_MARGIN = 1.25  # headroom over the iterations the goal needs, as the cost per iteration drifts
 TARGET_KEYS = (("loss", "time to the train-loss target"), ("metric", "time to the test-accuracy target"))
+# clock -> (summary key prefix of the time to a target, summary key of the training time, history key, its name).
+# CPU time on the CPU (steadier on a shared machine); wall-clock on a GPU, where CPU time counts the host's waiting.
+CLOCKS: dict[str, tuple[str, str, str, str]] = {"cpu": ("cpu_time_to_target_", "train_cpu_time", "cpu_time", "CPU"),
+                                                "wall": ("time_to_target_", "train_time", "time", "wall-clock")}
 
 
-def decide_plan(runs: list[dict[str, Any]]) -> list[RunConfig]:
-    """The longer runs that settle one task's undetermined ≤ `TARGET_RATIO` verdicts (CPU time).
+def decide_plan(runs: list[dict[str, Any]], clock: str = "cpu") -> list[RunConfig]:
+    """The longer runs that settle one task's undetermined ≤ `TARGET_RATIO` verdicts (on `clock`: `CLOCKS`).
 
     For each seed and each optimizer that missed a target SNOpt reached on that seed without diverging (a
     diverged run will never reach it: nothing to settle): enough iterations that still missing the target would
-    put its CPU time past SNOpt's ÷ `TARGET_RATIO`, at its measured CPU seconds per iteration, with
+    put its time past SNOpt's ÷ `TARGET_RATIO`, at its measured seconds per iteration, with
     `DECIDE_MARGIN` headroom, rounded up to whole evaluation intervals.
 
     Args:
@@ -498,10 +502,11 @@ def decide_plan(runs: list[dict[str, Any]]) -> list[RunConfig]:
         if r["config"]["optimizer"] == "snopt" or s is None or r["diverged"] or r.get("extra"):
             continue
         done = r["summary"]["iterations_done"]
-        per_iteration = r["summary"]["train_cpu_time"] / max(1, done)
+        prefix, total, _, _ = CLOCKS[clock]
+        per_iteration = r["summary"][total] / max(1, done)
         need = 0
         for k, _ in TARGET_KEYS:
-            mine, theirs = s["summary"][f"cpu_time_to_target_{k}"], r["summary"][f"cpu_time_to_target_{k}"]
+            mine, theirs = s["summary"][prefix + k], r["summary"][prefix + k]
             if mine is not None and theirs is None:
                 need = max(need, math.ceil(mine / TARGET_RATIO * DECIDE_MARGIN / per_iteration))
         every = int(r["resolved"]["eval_every"])
@@ -523,8 +528,8 @@ def planned_run(cfg: RunConfig, extended: list[dict[str, Any]]) -> dict[str, Any
     return None
 
 
-def continued_cpu_time(run_: dict[str, Any], longer: dict[str, Any], t: float) -> float:
-    """A CPU-clock reading `t` of `longer` on `run_`'s clock: the time `run_` itself would have shown, continued.
+def continued_time(run_: dict[str, Any], longer: dict[str, Any], t: float, clock: str = "cpu") -> float:
+    """A reading `t` of `longer`'s `clock` on `run_`'s: the time `run_` itself would have shown, continued.
 
     Both runs compute the same iterations up to `run_`'s last (same seed, same batches), but a
     later process on a shared machine may run them at another speed. So the iterations they share
@@ -532,20 +537,22 @@ def continued_cpu_time(run_: dict[str, Any], longer: dict[str, Any], t: float) -
     iterations differ (not the same computation after all), `t` is returned unchanged.
     """
     n = run_["summary"]["iterations_done"]
-    mine, theirs = run_["history"]["cpu_time"], longer["history"]["cpu_time"]
+    key = CLOCKS[clock][2]
+    mine, theirs = run_["history"][key], longer["history"][key]
     shared = len(run_["evals"]["train_loss"])
     if n < 1 or len(theirs) < n or longer["evals"]["train_loss"][:shared] != run_["evals"]["train_loss"]:
         return t
     return float(t) - float(theirs[n - 1]) + float(mine[n - 1])
 
 
-def decided_lines(runs: list[dict[str, Any]], extended: list[dict[str, Any]]) -> tuple[list[str], list[str]]:
-    """The table of verdicts settled by longer runs, per seed (CPU time), and its verdict lines.
+def decided_lines(runs: list[dict[str, Any]], extended: list[dict[str, Any]],
+                  clock: str = "cpu") -> tuple[list[str], list[str]]:
+    """The table of verdicts settled by longer runs, per seed (on `clock`: `CLOCKS`), and its verdict lines.
 
     Only the comparisons whose protocol ratio is a bound (the other optimizer missed a target SNOpt reached)
-    are listed. Per seed: SNOpt's CPU time to the target ÷ the other's; a run that diverged before the target
+    are listed. Per seed: SNOpt's time to the target ÷ the other's; a run that diverged before the target
     will never reach it (ratio 0); a longer run that still missed it gives an upper bound. A longer run's
-    times are continued from the protocol run's clock (`continued_cpu_time`).
+    times are continued from the protocol run's clock (`continued_time`).
 
     Args:
         runs: One task's protocol runs.
@@ -560,7 +567,8 @@ def decided_lines(runs: list[dict[str, Any]], extended: list[dict[str, Any]]) ->
     for other in ("adam", "sgd"):
         theirs = {r["config"]["seed"]: r for r in runs if r["config"]["optimizer"] == other and not r.get("extra")}
         for k, what in TARGET_KEYS:
-            key = f"cpu_time_to_target_{k}"
+            prefix, total, _, name = CLOCKS[clock]
+            key = prefix + k
             if not any(snopt[sd]["summary"][key] is not None and sd in theirs and theirs[sd]["summary"][key] is None
                        for sd in seeds):
                 continue
@@ -577,16 +585,16 @@ def decided_lines(runs: list[dict[str, Any]], extended: list[dict[str, Any]]) ->
                 elif o["diverged"]:
                     x, bound, how = 0.0, "=", f"{other} diverged: {o['diverged'].split(':', 1)[0]}"
                 else:
-                    cfg = next((c for c in decide_plan([snopt[sd], o])), None)
+                    cfg = next((c for c in decide_plan([snopt[sd], o], clock)), None)
                     e = planned_run(cfg, extended) if cfg is not None else None
                     if e is None:
-                        x, bound = mine / o["summary"]["train_cpu_time"], "<="
+                        x, bound = mine / o["summary"][total], "<="
                         how = (f"missed in its {o['summary']['iterations_done']} iterations"
                                + ("; not yet run longer" if cfg is not None else ", long enough to settle it"))
                     else:
                         longer, es = True, e["summary"]
                         if es[key] is not None:
-                            theirs_t = continued_cpu_time(o, e, es[key])
+                            theirs_t = continued_time(o, e, es[key], clock)
                             x, bound = mine / theirs_t, "="
                             times.append((mine, theirs_t))
                             how = f"reached at iteration {es[f'iterations_to_target_{k}']} of a longer run"
@@ -594,7 +602,7 @@ def decided_lines(runs: list[dict[str, Any]], extended: list[dict[str, Any]]) ->
                             x, bound = 0.0, "="
                             how = f"a longer run diverged before reaching it: {e['diverged'].split(':', 1)[0]}"
                         else:
-                            x, bound = mine / continued_cpu_time(o, e, es["train_cpu_time"]), "<="
+                            x, bound = mine / continued_time(o, e, es[total], clock), "<="
                             how = f"missed in a longer run of {es['iterations_done']} iterations"
                 outcomes.append(ratio_verdict({"ratio": x, "bound": bound}, TARGET_RATIO))
                 cells.append(f"{'' if bound == '=' else bound}{x:.2f} ({how})")
@@ -609,18 +617,20 @@ def decided_lines(runs: list[dict[str, Any]], extended: list[dict[str, Any]]) ->
             if len(times) == len(seeds):  # every seed a measured ratio: also the tables' ratio of the means
                 verdict += f"; ratio of the means {sum(t[0] for t in times) / sum(t[1] for t in times):.2f}"
             rows.append(f"| {other} | {what.removeprefix('time to the ')} | " + " | ".join(cells) + f" | {verdict} |")
-            verdict_out.append(f"- SNOpt ÷ {other}, {what} (CPU), settled per seed by longer runs: **{verdict}** "
+            verdict_out.append(f"- SNOpt ÷ {other}, {what} ({name}), settled per seed by longer runs: **{verdict}** "
                                f"(goal ≤ {TARGET_RATIO})")
     if not rows:
         return [], []
     table = ["Settled by longer runs (`--decide`): where Adam or SGD missed a target that SNOpt reached, the ratio "
              "above is only a bound. The same seed (same initialisation and batches) ran "
-             f"again for enough iterations that still missing the target would put its CPU time past SNOpt's ÷ "
+             f"again for enough iterations that still missing the target would put its {CLOCKS[clock][3]} time "
+             "past SNOpt's ÷ "
              f"{TARGET_RATIO} (with {DECIDE_MARGIN:g}× headroom); its iterations up to the protocol's budget repeat "
              "the protocol run's, so they are timed by the protocol run's clock and only the rest by its own (the "
              "machine's speed drifts between processes); a run that diverged before the target never "
              "reaches it (ratio 0). These runs only settle the verdicts: the tables above and the final metrics "
-             "stay at the protocol's budget. SNOpt's CPU time to the target ÷ the other's, per seed:", "",
+             f"stay at the protocol's budget. SNOpt's {CLOCKS[clock][3]} time to the target ÷ the other's, per seed:",
+             "",
              "| SNOpt ÷ | target | " + " | ".join(f"seed {sd}" for sd in seeds) + " | goal ≤ 0.5 |",
              "|---|---|" + "---|" * len(seeds) + "---|", *rows, ""]
     return table, verdict_out
@@ -664,13 +674,14 @@ def run_pool(jobs: list[tuple[RunConfig, dict[str, Any]]], workers: int, log: Pa
         return list(pool.map(one, jobs))
 
 
-def run_longer(plan: list[RunConfig], have: list[dict[str, Any]], jobs: int, log: Path | None) -> list[dict[str, Any]]:
-    """Run the configurations of `plan` that `have` holds no run for (`jobs` at a time, each in a fresh process),
-    marked ``extended`` and appended to `log`; returns the new runs."""
+def run_longer(plan: list[RunConfig], have: list[dict[str, Any]], jobs: int, log: Path | None,
+               run_one: Callable[..., dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """Run the configurations of `plan` that `have` holds no run for (`jobs` at a time, each in a fresh process,
+    by `run_one` as in `run_pool`), marked ``extended`` and appended to `log`; returns the new runs."""
     todo = [c for c in plan if planned_run(c, have) is None]
     print(f"--decide: {len(todo)} longer run(s): " + ", ".join(f"{c.optimizer} seed {c.seed} to {c.iterations} "
                                                              f"iterations" for c in todo), flush=True)
-    return run_pool([(c, {"extended": True}) for c in todo], jobs, log)
+    return run_pool([(c, {"extended": True}) for c in todo], jobs, log, run_one)
 
 
 def overhead_lines(result: dict[str, Any]) -> list[str]:

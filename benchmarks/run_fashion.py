@@ -43,11 +43,14 @@ from run_applications import (
     canonical_order,
     complete_seeds,
     cpu_log_machine_lines,
+    decide_plan,
+    decided_lines,
     left_out_lines,
     machine_lines,
     overhead_lines,
     read_log,
     retune,
+    run_longer,
     run_pool,
     stability_lines,
     tuning_section,
@@ -148,8 +151,9 @@ def evaluation_cost_line(runs: list[dict[str, Any]]) -> str:
 
 def report(runs: list[dict[str, Any]], mine: list[dict[str, Any]], *, out: Path, seeds: list[int], jobs: int,
            elapsed: float | None, device: str, left_out: list[dict[str, Any]] | None = None,
-           log: Path | None = None) -> str:
-    """The results file's text (and its plots, written into `out`) from finished runs."""
+           log: Path | None = None, extended: list[dict[str, Any]] | None = None) -> str:
+    """The results file's text (and its plots, written into `out`) from finished runs (`extended`: longer runs that
+    settle undetermined verdicts, `--decide`)."""
     main_runs, extra_runs = split_runs(runs)
     gpu = device != "cpu"
     _, png = output_names(main_runs, gpu)
@@ -160,7 +164,7 @@ def report(runs: list[dict[str, Any]], mine: list[dict[str, Any]], *, out: Path,
     res = main_runs[0]["resolved"]
     command = "python benchmarks/run_fashion.py" + (f" --device {device} --jobs {jobs}" if gpu else "")
     extras = sorted({(r["config"]["optimizer"], r["resolved"]["lr"]) for r in extra_runs})
-    command += "".join(f" --extra {n}={lr:g}" for n, lr in extras)
+    command += "".join(f" --extra {n}={lr:g}" for n, lr in extras) + (" --decide" if extended else "")
     when = (f"Generated {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
             + (f" in {elapsed:.0f} s" if elapsed is not None else
                f" from the runs recorded in `{log.name if log else '?'}` (`python benchmarks/run_fashion.py "
@@ -188,7 +192,9 @@ def report(runs: list[dict[str, Any]], mine: list[dict[str, Any]], *, out: Path,
                   + ", ".join(f"{k} {v:.0f}" for k, v in peak.items()) + f". The longest run trained for {longest:.0f} "
                   f"s of wall-clock (evaluations not counted); with {jobs} at a time, a seed takes about that long.",
                   ""]
-    lines += [format_table(agg, ratios, main_runs[0]), "", *verdicts("fashion", result), *overhead_lines(result),
+    settled, settled_v = decided_lines(main_runs, extended or [], "wall" if gpu else "cpu")
+    lines += [format_table(agg, ratios, main_runs[0]), "", *verdicts("fashion", result), *settled_v,
+              *([""] + settled if settled else []), *overhead_lines(result),
               *stability_lines(result, cpu_clock=not gpu), evaluation_cost_line(runs), "", HORIZON_NOTE, "",
               f"![fashion]({png})", ""]
     snopt_runs = [r for r in main_runs if r["config"]["optimizer"] == "snopt"]
@@ -221,6 +227,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="also run optimizer NAME at learning rate LR (outside the protocol; a table of its own)")
     p.add_argument("--log", type=Path, default=None, help="append each finished run to this JSON-lines file")
     p.add_argument("--from-log", type=Path, default=None, help="write the tables from this --log file; no training")
+    p.add_argument("--decide", action="store_true",
+                   help="settle undetermined ≤ 0.5 verdicts by longer runs of the seeds where Adam or SGD missed a "
+                        "target SNOpt reached (appended to --log; runs the log already holds are reused)")
     p.add_argument("--iterations", type=int, default=None, help="fewer iterations (a check, not the table)")
     p.add_argument("--tune", action="store_true",
                    help=f"rerun the tuning first (about an hour on 2 cores) and rewrite its rows in {TUNING_JSON.name}")
@@ -240,7 +249,9 @@ def main(argv: list[str] | None = None) -> int:
     if not mine:
         raise SystemExit(f"no Fashion-MNIST tuning rows in {TUNING_JSON}: run with --tune first")
     if args.from_log is not None:
-        runs, left_out = complete_seeds(canonical_order(read_log(args.from_log)))
+        logged = read_log(args.from_log)
+        extended = [{**r, "summary": summarize(r)} for r in logged if r.get("extended")]
+        runs, left_out = complete_seeds(canonical_order([r for r in logged if not r.get("extended")]))
         if not any(not r.get("extra") for r in runs):
             raise SystemExit(f"{args.from_log} holds no seed whose protocol runs all finished")
         runs = [{**r, "summary": summarize(r)} for r in runs]  # with this version's measures
@@ -254,10 +265,14 @@ def main(argv: list[str] | None = None) -> int:
         jobs = [(replace(c, device=args.device, iterations=args.iterations or c.iterations), x) for c, x in jobs]
         runs = run_pool([(cfg, {"extra": is_extra, "jobs": args.jobs}) for cfg, is_extra in jobs], args.jobs,
                         args.log, run_one=run)
-        seeds, elapsed, left_out = args.seeds, time.perf_counter() - start, []
+        seeds, elapsed, left_out, extended = args.seeds, time.perf_counter() - start, [], []
+    if args.decide:
+        plan = [replace(c, device=args.device) for c in decide_plan(split_runs(runs)[0],
+                                                                    "cpu" if args.device == "cpu" else "wall")]
+        extended += run_longer(plan, extended, args.jobs, args.log, run_one=run)
     device = args.device
     text = report(runs, mine, out=args.out, seeds=seeds, jobs=args.jobs, elapsed=elapsed, device=device,
-                  left_out=left_out, log=args.from_log)
+                  left_out=left_out, log=args.from_log, extended=extended)
     name, _ = output_names(split_runs(runs)[0], device != "cpu")
     (args.out / name).write_text(text)
     print(text)

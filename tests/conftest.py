@@ -2,10 +2,14 @@
 
 import importlib.util
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
+
+from snopt.experiments._runner import summarize
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -19,3 +23,23 @@ def bench() -> ModuleType:
     sys.modules["run_applications"] = mod
     spec.loader.exec_module(mod)
     return mod
+
+
+def _continued(t: dict[str, Any], iterations: int) -> dict[str, Any]:
+    """Run record `t` continued to `iterations` at its own cost per iteration (both clocks), reaching both targets
+    at its last evaluation: a stand-in for a `--decide` run of the same seed."""
+    n, extra = len(t["history"]["iteration"]), iterations - len(t["history"]["iteration"])
+    hist = {k: v + v[-1:] * extra for k, v in t["history"].items()}
+    for clock in ("time", "cpu_time"):
+        hist[clock] = [t["history"][clock][-1] * (i + 1) / n for i in range(iterations)]
+    ev = {k: v + v[-1:] for k, v in t["evals"].items()}
+    ev["iteration"][-1], ev["cpu_time"][-1], ev["time"][-1] = float(iterations), hist["cpu_time"][-1], hist["time"][-1]
+    ev["train_loss"][-1], ev["test_metric"][-1] = 0.01, 0.99
+    rec = {**t, "config": {**t["config"], "iterations": iterations}, "history": hist, "evals": ev}
+    return {**rec, "summary": summarize(rec)}
+
+
+@pytest.fixture
+def continue_run() -> Callable[[dict[str, Any], int], dict[str, Any]]:
+    """`_continued`: a protocol run's record continued to more iterations, reaching both targets at the end."""
+    return _continued

@@ -6,6 +6,7 @@ each), so the tables come from the structures a full benchmark produces.
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from types import ModuleType
@@ -233,9 +234,9 @@ def test_decided_lines_settle_each_seed_from_the_longer_runs(bench: ModuleType) 
 
 
 def test_decide_reruns_the_undetermined_seeds_longer_and_the_log_rewrites_the_table(
-        bench: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        bench: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        continue_run: Callable[[dict[str, Any], int], dict[str, Any]]) -> None:
     # the committed paper-preset log: SGD and Adam missed digits targets that SNOpt reached on some seeds
-    summarize = runner.summarize
     committed = bench.RESULTS / "applications_paper_cpu_runs.jsonl.gz"
     protocol = [r for r in bench.read_log(committed) if r["config"]["task"] == "digits" and not r.get("extended")]
     committed = tmp_path / "protocol.jsonl"  # the protocol runs alone, as the benchmark first logged them
@@ -243,25 +244,15 @@ def test_decide_reruns_the_undetermined_seeds_longer_and_the_log_rewrites_the_ta
     asked: list[RunConfig] = []
 
     def longer(cfg: RunConfig, quiet: bool = True, isolate: bool = False) -> dict[str, Any]:
-        """The protocol run continued to cfg.iterations at its own CPU cost per iteration, reaching both targets
-        at its last evaluation."""
         asked.append(cfg)
         t = next(r for r in protocol if (r["config"]["optimizer"], r["config"]["seed"]) == (cfg.optimizer, cfg.seed))
-        n, extra = len(t["history"]["iteration"]), cfg.iterations - len(t["history"]["iteration"])
-        hist = {k: v + v[-1:] * extra for k, v in t["history"].items()}
-        hist["cpu_time"] = [t["history"]["cpu_time"][-1] * (i + 1) / n for i in range(cfg.iterations)]
-        ev = {k: v + v[-1:] for k, v in t["evals"].items()}
-        ev["iteration"][-1], ev["cpu_time"][-1], ev["time"][-1] = float(cfg.iterations), hist["cpu_time"][-1], \
-            hist["cpu_time"][-1]
-        ev["train_loss"][-1], ev["test_metric"][-1] = 0.01, 0.99
-        rec = {**t, "config": {**t["config"], "iterations": cfg.iterations}, "history": hist, "evals": ev}
-        return {**rec, "summary": summarize(rec)}
+        return continue_run(t, cfg.iterations)
 
     monkeypatch.setattr(bench, "run", longer)
     log, out = tmp_path / "longer.jsonl", tmp_path / "out"
     assert bench.main(["--preset", "paper", "--tasks", "digits", "--from-log", str(committed), "--decide",
                        "--log", str(log), "--out", str(out)]) == 0
-    plan = bench.decide_plan([{**r, "summary": summarize(r)} for r in protocol])
+    plan = bench.decide_plan([{**r, "summary": runner.summarize(r)} for r in protocol])
     assert plan and [(c.optimizer, c.seed, c.iterations) for c in asked] == [
         (c.optimizer, c.seed, c.iterations) for c in plan]
     new = bench.read_log(log)

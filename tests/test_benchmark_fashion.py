@@ -7,6 +7,7 @@ tables are built from the same structures a full benchmark produces.
 import importlib.util
 import json
 import sys
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from types import ModuleType
@@ -159,3 +160,40 @@ def test_evaluation_cost_line_divides_step_time_by_evaluations(fashion: ModuleTy
     assert "seeds 0 / 1:" in line
     assert "snopt 0.3 3.00 / 2.00" in line  # seed order, not record order
     assert "adam 0.003 2.00 / 3.00" in line
+
+
+@pytest.mark.parametrize(("log_name", "device", "clock"), [("fashion_cpu_runs.jsonl.gz", "cpu", "CPU"),
+                                                           ("fashion_h100_runs.jsonl.gz", "cuda", "wall-clock")])
+def test_decide_settles_the_committed_verdicts_on_the_runs_clock(
+        fashion: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, log_name: str, device: str,
+        clock: str, continue_run: Callable[[dict[str, Any], int], dict[str, Any]]) -> None:
+    # the committed logs: Adam (0.01) and SGD missed targets SNOpt reached; on a GPU the clock is the wall's
+    protocol = [r for r in fashion.read_log(ROOT / "benchmarks" / "results" / log_name) if not r.get("extended")]
+    asked: list[RunConfig] = []
+
+    def longer(cfg: RunConfig, isolate: bool = False) -> dict[str, Any]:
+        asked.append(cfg)
+        t = next(r for r in protocol if (r["config"]["optimizer"], r["config"]["seed"], bool(r.get("extra")))
+                 == (cfg.optimizer, cfg.seed, False))
+        return continue_run(t, cfg.iterations)
+
+    monkeypatch.setattr(fashion, "run", longer)
+    source, log, out = tmp_path / "protocol.jsonl", tmp_path / "longer.jsonl", tmp_path / "out"
+    source.write_text("".join(json.dumps(r) + "\n" for r in protocol))
+    out.mkdir()
+    assert fashion.main(["--from-log", str(source), "--device", device, "--decide", "--log", str(log),
+                         "--out", str(out)]) == 0
+    assert asked and {c.optimizer for c in asked} <= {"adam", "sgd"} and all(c.device == device for c in asked)
+    assert all(c.iterations is not None and c.iterations > 1000 for c in asked)  # longer than the protocol's
+    text = next(out.glob("fashion_*.md")).read_text()
+    assert "settled per seed by longer runs" in text and f"({clock}), settled per seed" in text
+    assert "Settled by longer runs (`--decide`)" in text and " --decide`" in text.splitlines()[2]
+    # the merged log settles the same verdicts with nothing run
+    merged = tmp_path / "merged.jsonl"
+    merged.write_text(source.read_text() + log.read_text())
+    asked.clear()
+    again = tmp_path / "again"
+    again.mkdir()
+    assert fashion.main(["--from-log", str(merged), "--device", device, "--decide", "--out", str(again)]) == 0
+    assert not asked
+    assert next(again.glob("fashion_*.md")).read_text().splitlines()[3:] == text.splitlines()[3:]
