@@ -71,9 +71,9 @@ from snopt.experiments._runner import (
 RESULTS = Path(__file__).resolve().parent / "results"
 MD = RESULTS / "applications_cpu.md"
 PAPER_MD = RESULTS / "applications_paper_cpu.md"
-# `--preset paper`: the tasks and seeds of its committed table when --tasks / --seeds are not given (5 on digits, 3 on the
-# others: a
-# seed takes 15-20 CPU minutes on digits, at width 64, and 40-45 on the time series, at the paper's 1,000 iterations).
+# `--preset paper`: the tasks and seeds of its committed table when --tasks / --seeds are not given (5 on digits, 3 on
+# the others: a seed takes 15-20 CPU minutes on digits, at width 64, and 40-45 on the time series, at the paper's 1,000
+# iterations).
 PAPER_SEEDS: dict[str, list[int]] = {"digits": [0, 1, 2, 3, 4], "timeseries": [0, 1, 2], "cnf": [0, 1, 2]}
 PAPER_TASKS = ("digits", "timeseries")
 OPTIMIZERS = ("snopt", "adam", "sgd")
