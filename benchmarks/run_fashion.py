@@ -52,6 +52,7 @@ from run_applications import (
     retune,
     run_longer,
     run_pool,
+    split_extended,
     stability_lines,
     tuning_section,
     verdicts,
@@ -249,9 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     if not mine:
         raise SystemExit(f"no Fashion-MNIST tuning rows in {TUNING_JSON}: run with --tune first")
     if args.from_log is not None:
-        logged = read_log(args.from_log)
-        extended = [{**r, "summary": summarize(r)} for r in logged if r.get("extended")]
-        runs, left_out = complete_seeds(canonical_order([r for r in logged if not r.get("extended")]))
+        protocol, extended = split_extended(read_log(args.from_log))
+        runs, left_out = complete_seeds(canonical_order(protocol))
         if not any(not r.get("extra") for r in runs):
             raise SystemExit(f"{args.from_log} holds no seed whose protocol runs all finished")
         runs = [{**r, "summary": summarize(r)} for r in runs]  # with this version's measures
