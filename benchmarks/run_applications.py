@@ -50,7 +50,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -552,6 +552,72 @@ def continued_time(run_: dict[str, Any], longer: dict[str, Any], t: float, clock
     return float(t) - float(theirs[n - 1]) + float(mine[n - 1])
 
 
+@dataclass(frozen=True)
+class SeedRatio:
+    """SNOpt's time to a target ÷ another optimizer's on one seed (same initialisation and batches).
+
+    Attributes:
+        ratio: The ratio (0 where the other diverged before the target: it never reaches it).
+        bound: ``"="`` measured; ``"<="`` an upper bound (the other missed the target in all its iterations, so
+            its true time is longer than the time counted).
+        how: What settled it, in words (a cell of the "Settled by longer runs" table).
+        times: ``(SNOpt's time, the other's)`` where both reached the target, else None.
+        longer: Whether a longer run (`decide_plan`) decided it.
+    """
+
+    ratio: float
+    bound: str
+    how: str
+    times: tuple[float, float] | None
+    longer: bool
+
+
+def seed_ratio(mine: dict[str, Any], other: dict[str, Any], k: str, extended: list[dict[str, Any]],
+               clock: str = "cpu") -> SeedRatio | None:
+    """SNOpt's time to target `k` ÷ the other optimizer's on one seed, settled by a longer run where there is one.
+
+    The other's run reached the target: the measured ratio. It diverged before it: 0. It missed it: its longer
+    run (`planned_run`), timed by `continued_time`, if one exists; otherwise its whole training time, an upper
+    bound.
+
+    Args:
+        mine: SNOpt's protocol run on the seed (with its summary).
+        other: The other optimizer's protocol run on the same seed.
+        k: ``"loss"`` or ``"metric"`` (`TARGET_KEYS`).
+        extended: The longer runs, with summaries.
+        clock: A key of `CLOCKS`.
+
+    Returns:
+        The ratio, or None where SNOpt missed the target (nothing here settles that).
+    """
+    prefix, total, _, _ = CLOCKS[clock]
+    key = prefix + k
+    t = mine["summary"][key]
+    if t is None:
+        return None
+    o = other["summary"]
+    if o[key] is not None:
+        return SeedRatio(t / o[key], "=", "protocol run", (t, o[key]), False)
+    if other["diverged"]:
+        return SeedRatio(0.0, "=", f"{other['config']['optimizer']} diverged: {other['diverged'].split(':', 1)[0]}",
+                         None, False)
+    cfg = next((c for c in decide_plan([mine, other], clock)), None)
+    e = planned_run(cfg, extended) if cfg is not None else None
+    if e is None:
+        return SeedRatio(t / o[total], "<=", f"missed in its {o['iterations_done']} iterations"
+                         + ("; not yet run longer" if cfg is not None else ", long enough to settle it"), None, False)
+    es = e["summary"]
+    if es[key] is not None:
+        theirs = continued_time(other, e, es[key], clock)
+        return SeedRatio(t / theirs, "=", f"reached at iteration {es[f'iterations_to_target_{k}']} of a longer run",
+                         (t, theirs), True)
+    if e["diverged"]:
+        return SeedRatio(0.0, "=", f"a longer run diverged before reaching it: {e['diverged'].split(':', 1)[0]}",
+                         None, True)
+    return SeedRatio(t / continued_time(other, e, es[total], clock), "<=",
+                     f"missed in a longer run of {es['iterations_done']} iterations", None, True)
+
+
 def decided_lines(runs: list[dict[str, Any]], extended: list[dict[str, Any]],
                   clock: str = "cpu") -> tuple[list[str], list[str]]:
     """The table of verdicts settled by longer runs, per seed (on `clock`: `CLOCKS`), and its verdict lines.
@@ -571,7 +637,7 @@ def decided_lines(runs: list[dict[str, Any]], extended: list[dict[str, Any]],
     snopt = {r["config"]["seed"]: r for r in runs if r["config"]["optimizer"] == "snopt"}
     seeds = sorted(snopt)
     rows, verdict_out = [], []
-    prefix, total, _, name = CLOCKS[clock]
+    prefix, _, _, name = CLOCKS[clock]
     for other in ("adam", "sgd"):
         theirs = {r["config"]["seed"]: r for r in runs if r["config"]["optimizer"] == other and not r.get("extra")}
         for k, what in TARGET_KEYS:
@@ -581,38 +647,17 @@ def decided_lines(runs: list[dict[str, Any]], extended: list[dict[str, Any]],
                 continue
             cells, outcomes, longer, times = [], [], False, []  # times: (SNOpt's, the other's) where both reached it
             for sd in seeds:
-                mine, o = snopt[sd]["summary"][key], theirs.get(sd)
-                if mine is None or o is None:
+                o = theirs.get(sd)
+                sr = None if o is None else seed_ratio(snopt[sd], o, k, extended, clock)
+                if sr is None:
                     cells.append("SNOpt missed it" if o is not None else "—")
                     outcomes.append("undetermined")
                     continue
-                if o["summary"][key] is not None:
-                    x, bound, how = mine / o["summary"][key], "=", "protocol run"
-                    times.append((mine, o["summary"][key]))
-                elif o["diverged"]:
-                    x, bound, how = 0.0, "=", f"{other} diverged: {o['diverged'].split(':', 1)[0]}"
-                else:
-                    cfg = next((c for c in decide_plan([snopt[sd], o], clock)), None)
-                    e = planned_run(cfg, extended) if cfg is not None else None
-                    if e is None:
-                        x, bound = mine / o["summary"][total], "<="
-                        how = (f"missed in its {o['summary']['iterations_done']} iterations"
-                               + ("; not yet run longer" if cfg is not None else ", long enough to settle it"))
-                    else:
-                        longer, es = True, e["summary"]
-                        if es[key] is not None:
-                            theirs_t = continued_time(o, e, es[key], clock)
-                            x, bound = mine / theirs_t, "="
-                            times.append((mine, theirs_t))
-                            how = f"reached at iteration {es[f'iterations_to_target_{k}']} of a longer run"
-                        elif e["diverged"]:
-                            x, bound = 0.0, "="
-                            how = f"a longer run diverged before reaching it: {e['diverged'].split(':', 1)[0]}"
-                        else:
-                            x, bound = mine / continued_time(o, e, es[total], clock), "<="
-                            how = f"missed in a longer run of {es['iterations_done']} iterations"
-                outcomes.append(ratio_verdict({"ratio": x, "bound": bound}, TARGET_RATIO))
-                cells.append(f"{'' if bound == '=' else bound}{x:.2f} ({how})")
+                longer = longer or sr.longer
+                if sr.times is not None:
+                    times.append(sr.times)
+                outcomes.append(ratio_verdict({"ratio": sr.ratio, "bound": sr.bound}, TARGET_RATIO))
+                cells.append(f"{'' if sr.bound == '=' else sr.bound}{sr.ratio:.2f} ({sr.how})")
             if not longer:
                 continue
             n_met = outcomes.count("met")
