@@ -14,15 +14,26 @@ from snopt.experiments._runner import summarize
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _script(name: str) -> ModuleType:
+    """benchmarks/`name`.py as a module, registered under `name` (so sibling scripts can import it)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
 @pytest.fixture(scope="module")
 def bench() -> ModuleType:
     """benchmarks/run_applications.py as a module (registered, so run_fashion.py can import it)."""
-    spec = importlib.util.spec_from_file_location("run_applications", ROOT / "benchmarks" / "run_applications.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["run_applications"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return _script("run_applications")
+
+
+@pytest.fixture(scope="module")
+def ratios(bench: ModuleType) -> ModuleType:
+    """benchmarks/plot_ratios.py as a module (after `bench`, which registers the run_applications it imports)."""
+    return _script("plot_ratios")
 
 
 def _continued(t: dict[str, Any], iterations: int) -> dict[str, Any]:

@@ -1,7 +1,5 @@
 """benchmarks/plot_ratios.py: the per-seed time-to-target ratios of every committed benchmark in one figure."""
 
-import importlib.util
-import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -9,16 +7,6 @@ from typing import Any
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def ratios(bench: ModuleType) -> ModuleType:  # `bench` registers run_applications, which plot_ratios imports
-    spec = importlib.util.spec_from_file_location("plot_ratios", ROOT / "benchmarks" / "plot_ratios.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["plot_ratios"] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _run(opt: str, seed: int, *, loss_at: float | None, metric_at: float | None, total: float = 300.0,
