@@ -27,11 +27,9 @@ from run_applications import (  # noqa: E402  (a sibling script, not a package)
     CLOCKS,
     RESULTS,
     TARGET_RATIO,
-    canonical_order,
-    complete_seeds,
     read_log,
+    runs_from_log,
     seed_ratio,
-    split_extended,
 )
 
 from snopt.experiments._runner import summarize  # noqa: E402
@@ -149,8 +147,7 @@ def source_rows(src: Source, results: Path = RESULTS) -> list[Row]:
     out: list[Row] = []
     for task in src.tasks:
         mine = [r for r in logged if (r["config"]["task"], r["config"].get("preset", "fast")) == (task, src.preset)]
-        protocol, extended = split_extended(mine)
-        runs, _ = complete_seeds(canonical_order(protocol))
+        runs, _, extended = runs_from_log(mine)
         runs = [{**r, "summary": summarize(r)} for r in runs]
         out += comparison_rows(runs, extended, f"{TASK_NAMES[task]}, {src.label}", src.clock)
     return out

@@ -497,13 +497,13 @@ def decide_plan(runs: list[dict[str, Any]], clock: str = "cpu") -> list[RunConfi
         The configurations to run, each the protocol run's with more iterations.
     """
     snopt = {r["config"]["seed"]: r for r in runs if r["config"]["optimizer"] == "snopt"}
+    prefix, total, _, _ = CLOCKS[clock]
     plan = []
     for r in runs:
         s = snopt.get(r["config"]["seed"])
         if r["config"]["optimizer"] == "snopt" or s is None or r["diverged"] or r.get("extra"):
             continue
         done = r["summary"]["iterations_done"]
-        prefix, total, _, _ = CLOCKS[clock]
         per_iteration = r["summary"][total] / max(1, done)
         need = 0
         for k, _ in TARGET_KEYS:
@@ -533,6 +533,19 @@ def split_extended(runs: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], li
     """A log's runs as (the protocol's, the `--decide` ones marked ``extended``, with this version's summaries)."""
     return ([r for r in runs if not r.get("extended")],
             [{**r, "summary": summarize(r)} for r in runs if r.get("extended")])
+
+
+def runs_from_log(logged: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]],
+                                                         list[dict[str, Any]]]:
+    """A log's runs ready to tabulate: ``(runs, left_out, extended)``.
+
+    `runs`: the protocol runs of the seeds that finished every setting (`complete_seeds`), in the benchmark's order
+    (summarise them with this version's `summarize` before tabulating); `left_out`: the runs of the other seeds;
+    `extended`: the `--decide` runs, with summaries.
+    """
+    protocol, extended = split_extended(logged)
+    runs, left_out = complete_seeds(canonical_order(protocol))
+    return runs, left_out, extended
 
 
 def continued_time(run_: dict[str, Any], longer: dict[str, Any], t: float, clock: str = "cpu") -> float:
@@ -967,8 +980,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.from_log is not None:
             mine = [r for r in logged
                     if (r["config"]["task"], r["config"].get("preset", "fast")) == (task, args.preset)]
-            protocol, extended = split_extended(mine)
-            runs, left_out = complete_seeds(canonical_order(protocol))
+            runs, left_out, extended = runs_from_log(mine)
             if not runs:
                 print(f"[{task}] {args.from_log} holds no seed whose runs all finished: skipped", flush=True)
                 continue

@@ -40,8 +40,6 @@ from run_applications import (
     RESULTS,
     TUNING_JSON,
     best_settings,
-    canonical_order,
-    complete_seeds,
     cpu_log_machine_lines,
     decide_plan,
     decided_lines,
@@ -52,7 +50,7 @@ from run_applications import (
     retune,
     run_longer,
     run_pool,
-    split_extended,
+    runs_from_log,
     stability_lines,
     tuning_section,
     verdicts,
@@ -250,8 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     if not mine:
         raise SystemExit(f"no Fashion-MNIST tuning rows in {TUNING_JSON}: run with --tune first")
     if args.from_log is not None:
-        protocol, extended = split_extended(read_log(args.from_log))
-        runs, left_out = complete_seeds(canonical_order(protocol))
+        runs, left_out, extended = runs_from_log(read_log(args.from_log))
         if not any(not r.get("extra") for r in runs):
             raise SystemExit(f"{args.from_log} holds no seed whose protocol runs all finished")
         runs = [{**r, "summary": summarize(r)} for r in runs]  # with this version's measures

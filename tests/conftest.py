@@ -31,6 +31,12 @@ def bench() -> ModuleType:
 
 
 @pytest.fixture(scope="module")
+def fashion(bench: ModuleType) -> ModuleType:
+    """benchmarks/run_fashion.py as a module (after `bench`, which registers the run_applications it imports)."""
+    return _script("run_fashion")
+
+
+@pytest.fixture(scope="module")
 def ratios(bench: ModuleType) -> ModuleType:
     """benchmarks/plot_ratios.py as a module (after `bench`, which registers the run_applications it imports)."""
     return _script("plot_ratios")

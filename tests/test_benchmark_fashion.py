@@ -4,9 +4,7 @@ Training is swapped for three-iteration digits runs (real records, a second each
 tables are built from the same structures a full benchmark produces.
 """
 
-import importlib.util
 import json
-import sys
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -19,19 +17,6 @@ from snopt.experiments import RunConfig
 from snopt.experiments._runner import run as real_run
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def fashion() -> ModuleType:
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        spec = importlib.util.spec_from_file_location("run_fashion", ROOT / "benchmarks" / "run_fashion.py")
-        assert spec is not None and spec.loader is not None
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
-    return mod
 
 
 def test_parse_extra(fashion: ModuleType) -> None:
@@ -137,15 +122,15 @@ def _rec(opt: str, lr: float, seed: int, extra: bool = False) -> dict[str, Any]:
     return {"config": {"optimizer": opt, "seed": seed}, "resolved": {"lr": lr}, "extra": extra}
 
 
-def test_complete_seeds_leaves_out_a_seed_that_did_not_finish_every_setting(fashion: ModuleType) -> None:
+def test_complete_seeds_leaves_out_a_seed_that_did_not_finish_every_setting(bench: ModuleType) -> None:
     runs = [_rec("snopt", 0.3, 0), _rec("adam", 0.01, 0), _rec("adam", 0.003, 0, True),
             _rec("adam", 0.01, 1), _rec("adam", 0.003, 1, True),  # seed 1: SNOpt never finished
             _rec("snopt", 0.3, 2), _rec("adam", 0.01, 2), _rec("adam", 0.003, 2, True)]
-    kept, left = fashion.complete_seeds(runs)
+    kept, left = bench.complete_seeds(runs)
     assert {r["config"]["seed"] for r in kept} == {0, 2} and len(kept) == 6
     assert left == [runs[3], runs[4]]
     # the extra flag is part of the setting: the protocol's Adam at 0.003 is not the extra one
-    kept, left = fashion.complete_seeds([_rec("adam", 0.003, 0), _rec("adam", 0.003, 1, True), _rec("adam", 0.003, 1)])
+    kept, left = bench.complete_seeds([_rec("adam", 0.003, 0), _rec("adam", 0.003, 1, True), _rec("adam", 0.003, 1)])
     assert kept == [_rec("adam", 0.003, 1, True), _rec("adam", 0.003, 1)] and left == [_rec("adam", 0.003, 0)]
 
 
