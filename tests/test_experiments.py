@@ -25,7 +25,8 @@ from snopt.experiments._runner import (
 )
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-RUN_KEYS = {"config", "resolved", "machine", "task", "history", "evals", "memory", "diverged", "summary"}
+RUN_KEYS = {"config", "resolved", "machine", "task", "history", "evals", "memory", "diverged", "resumed_at",
+            "summary"}
 SUMMARY_KEYS = {"final_test_metric", "final_train_loss", "time_to_target_loss", "time_to_target_metric",
                 "mean_step_time", "mean_nfe_forward", "mean_nfe_backward", "peak_rss_mib", "peak_cuda_mib"}
 

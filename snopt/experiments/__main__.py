@@ -108,6 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-isolate", action="store_true",
                    help="run everything in this process (faster start; ru_maxrss is then cumulative)")
     p.add_argument("--quiet", action="store_true", help="no progress bars and no per-run lines")
+    p.add_argument("--checkpoint-dir", default=None, metavar="DIR",
+                   help="checkpoint every run in DIR and keep each finished run's record there; the same command "
+                        "run again with the same DIR reads the finished runs back and continues an interrupted "
+                        "one from its last checkpoint (the same trajectory, bit for bit on the CPU)")
+    p.add_argument("--checkpoint-every", type=int, default=None, metavar="N",
+                   help="iterations between checkpoints (default: at every evaluation)")
     return p
 
 
@@ -148,16 +154,24 @@ def main(argv: Sequence[str] | None = None) -> int:
                          ode_only=args.ode_only, lr2=args.lr2, nfe_limit=args.nfe_limit or None,
                          options=_key_values(args.set, "--set"))
         resolve(base, task_defaults(base))  # unknown data sets and options fail here, not in a child process
+        if args.checkpoint_every is not None and args.checkpoint_every < 1:
+            raise ValueError(f"--checkpoint-every must be at least 1; got {args.checkpoint_every}.")
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     start = time.perf_counter()
     try:
         result = compare(base, optimizers, args.seeds, out_dir=args.out, lrs=lrs, quiet=args.quiet,
-                         isolate=not args.no_isolate, plots=not args.no_plots, echo=None if args.quiet else print)
-    except DatasetNotFoundError as exc:
+                         isolate=not args.no_isolate, plots=not args.no_plots, echo=None if args.quiet else print,
+                         checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every)
+    except (DatasetNotFoundError, ValueError) as exc:  # no data; a checkpoint folder of other runs
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted: " + (f"the same command continues from the checkpoints in {args.checkpoint_dir}/"
+                                   if args.checkpoint_dir else "pass --checkpoint-dir DIR to be able to continue runs"),
+              file=sys.stderr)
+        return 130
     if args.quiet:
         print(result["table"])
     print(f"\nwrote {len(result['files'])} files to {args.out}/ ({time.perf_counter() - start:.0f} s in all)")

@@ -277,6 +277,7 @@ class Task(ABC):
         higher_is_better: Whether a larger test metric is better.
         model: The model (its ODE blocks are found by `SNOpt`).
         device: Where model and data live.
+        sampler: The training set's mini-batch order (unused by the 2-D toys, which draw fresh samples).
     """
 
     name: str
@@ -285,6 +286,7 @@ class Task(ABC):
     higher_is_better: bool
     model: nn.Module
     device: torch.device
+    sampler: "EpochSampler"
 
     @abstractmethod
     def batch(self, generator: torch.Generator) -> tuple[Tensor, ...]:
@@ -342,6 +344,18 @@ class Task(ABC):
         """Number of trainable parameters."""
         return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
 
+    def state_dict(self) -> dict[str, Any]:
+        """Where the batch stream stands (the epoch sampler's permutation and position), for a checkpoint."""
+        return {"sampler": self.sampler.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue the batch stream from what `state_dict` returned.
+
+        Args:
+            state: As returned by `state_dict`.
+        """
+        self.sampler.load_state_dict(state["sampler"])
+
 
 class EpochSampler:
     """Mini-batch indices without replacement within an epoch, reshuffled every epoch.
@@ -374,6 +388,25 @@ class EpochSampler:
         idx = self._perm[self._pos:self._pos + self.batch_size]
         self._pos += self.batch_size
         return idx
+
+    def state_dict(self) -> dict[str, Any]:
+        """The current epoch's permutation and position (what the next batches depend on)."""
+        return {"n": self.n, "batch_size": self.batch_size, "perm": self._perm, "pos": self._pos}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from what `state_dict` returned.
+
+        Args:
+            state: As returned by `state_dict`.
+
+        Raises:
+            ValueError: If it was taken from a sampler over another data set size or batch size.
+        """
+        if (state["n"], state["batch_size"]) != (self.n, self.batch_size):
+            raise ValueError(f"The sampler state is for {state['n']} examples in batches of {state['batch_size']}; "
+                             f"this sampler has {self.n} and {self.batch_size}.")
+        self._perm = state["perm"]
+        self._pos = int(state["pos"])
 
 
 def seed_everything(seed: int) -> None:
@@ -443,7 +476,7 @@ def finite_or_none(x: float) -> float | None:
     return x if math.isfinite(x) else None
 
 
-def progress(total: int, *, disable: bool, desc: str) -> Any:
+def progress(total: int, *, disable: bool, desc: str, initial: int = 0) -> Any:
     """A tqdm progress bar over `total` iterations, or a silent stand-in.
 
     Disabled when `disable` is set, stderr is not a terminal, or tqdm is missing.
@@ -452,6 +485,7 @@ def progress(total: int, *, disable: bool, desc: str) -> Any:
         total: Number of iterations.
         disable: Turn the bar off.
         desc: Label shown before the bar.
+        initial: Iterations already done (a resumed run).
 
     Returns:
         An object with ``update(n)``, ``set_postfix_str(s)`` and ``close()``.
@@ -462,7 +496,7 @@ def progress(total: int, *, disable: bool, desc: str) -> Any:
         except ImportError:
             pass
         else:
-            return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+            return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, initial=initial)
     return _NoBar()
 
 

@@ -12,6 +12,7 @@ set size (``ru_maxrss``) belongs to that run alone.
 import json
 import math
 import multiprocessing
+import os
 import statistics
 import tempfile
 import time
@@ -94,11 +95,50 @@ def make_task(cfg: RunConfig, res: Resolved, device: torch.device) -> Task:
     return CNFTask(cfg, res, device)
 
 
-Stepper = Callable[[tuple[Tensor, ...]], float]
+class Stepper:
+    """One training step of a run, and the state a checkpoint needs to continue the run exactly.
+
+    Calling it does the step (``zero_grad``, loss, ``backward``, ``step`` of every optimizer of the
+    run) and returns the batch loss before the update.
+
+    Args:
+        fn: ``fn(batch, k)`` does the `k`-th step (counted from 1) and returns the batch loss.
+        optimizers: Every optimizer the step updates (their states go into `state_dict`).
+        generator: A random stream the step draws from (the sampled labels of the Monte-Carlo
+            Fisher), or None.
+    """
+
+    def __init__(self, fn: Callable[[tuple[Tensor, ...], int], float], optimizers: Sequence[torch.optim.Optimizer],
+                 generator: torch.Generator | None = None) -> None:
+        self._fn = fn
+        self.optimizers = list(optimizers)
+        self.generator = generator
+        self.count = 0
+
+    def __call__(self, batch: tuple[Tensor, ...]) -> float:
+        self.count += 1
+        return self._fn(batch, self.count)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The optimizers' states, the step count and the random stream's state."""
+        return {"optimizers": [o.state_dict() for o in self.optimizers], "count": self.count,
+                "generator": None if self.generator is None else self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from what `state_dict` returned.
+
+        Args:
+            state: As returned by `state_dict`.
+        """
+        for o, sd in zip(self.optimizers, state["optimizers"], strict=True):
+            o.load_state_dict(sd)
+        self.count = int(state["count"])
+        if self.generator is not None:
+            self.generator.set_state(state["generator"])
 
 
 def make_stepper(cfg: RunConfig, res: Resolved, task: Task) -> tuple[Stepper, torch.optim.Optimizer]:
-    """The optimizer of `cfg` and a function doing one training step with it.
+    """The optimizer of `cfg` and the `Stepper` doing one training step with it.
 
     ``snopt``: `SNOpt` over SGD (the resolved momentum) with ``full_precond``; ``adam``;
     ``sgd`` with momentum; ``newton-cg``: `NewtonCG` (Gauss-Newton, exact products) on the
@@ -137,10 +177,10 @@ def make_stepper(cfg: RunConfig, res: Resolved, task: Task) -> tuple[Stepper, to
                          f"{cfg.task!r} has metric {task.metric!r}.")
     labels = torch.Generator().manual_seed(cfg.seed + 991)  # the sampled labels' own stream
     opts = [opt] + ([torch.optim.Adam(others, lr=res.lr2, weight_decay=res.weight_decay)] if others else [])
-    groups = [(g, float(g["lr"])) for o in opts for g in o.param_groups]
-    done = [0]
+    # The initial rates by position: a restored optimizer's param_groups are new dicts.
+    lr0 = [[float(g["lr"]) for g in o.param_groups] for o in opts]
 
-    def step(batch: tuple[Tensor, ...]) -> float:
+    def step(batch: tuple[Tensor, ...], k: int) -> float:
         for o in opts:
             o.zero_grad()
         if mc is not None and mc.collecting:
@@ -151,14 +191,14 @@ def make_stepper(cfg: RunConfig, res: Resolved, task: Task) -> tuple[Stepper, to
         loss.backward()  # type: ignore[no-untyped-call]
         for o in opts:
             o.step()
-        done[0] += 1
         if res.schedule == "cosine":
-            factor = 0.5 * (1.0 + math.cos(math.pi * min(done[0], res.iterations) / res.iterations))
-            for g, lr0 in groups:
-                g["lr"] = lr0 * factor
+            factor = 0.5 * (1.0 + math.cos(math.pi * min(k, res.iterations) / res.iterations))
+            for o, rates in zip(opts, lr0, strict=True):
+                for g, rate in zip(o.param_groups, rates, strict=True):
+                    g["lr"] = rate * factor
         return float(loss.detach())
 
-    return step, opt
+    return Stepper(step, opts, labels), opt
 
 
 def _newton_stepper(cfg: RunConfig, res: Resolved, task: Task) -> tuple[Stepper, torch.optim.Optimizer]:
@@ -169,7 +209,7 @@ def _newton_stepper(cfg: RunConfig, res: Resolved, task: Task) -> tuple[Stepper,
     outer = torch.optim.Adam(others, lr=outer_lr)
     ncg = NewtonCG(probe.func, lr=res.lr, damping=1e-2, curvature="ggn", max_cg_iters=10, solver=probe.solver)
 
-    def step(batch: tuple[Tensor, ...]) -> float:
+    def step(batch: tuple[Tensor, ...], k: int) -> float:
         outer.zero_grad()
         loss = task.loss(batch)
         loss.backward()  # type: ignore[no-untyped-call]
@@ -178,7 +218,7 @@ def _newton_stepper(cfg: RunConfig, res: Resolved, task: Task) -> tuple[Stepper,
         ncg.step(x0=prob.x0, t_span=prob.t_span, loss_fn=prob.loss_fn)
         return float(loss.detach())
 
-    return step, ncg
+    return Stepper(step, [outer, ncg]), ncg
 
 
 def _sync(device: torch.device) -> None:
@@ -186,30 +226,90 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def train(cfg: RunConfig, *, quiet: bool = True) -> dict[str, Any]:
+CHECKPOINT_FORMAT = 1
+
+
+def config_key(cfg: RunConfig) -> str:
+    """`cfg` as canonical JSON: what a checkpoint or a finished record must match to be reused."""
+    return json.dumps(cfg.to_dict(), sort_keys=True)
+
+
+def _config_diff(saved: str, cfg: RunConfig) -> str:
+    old, new = json.loads(saved), json.loads(config_key(cfg))
+    keys = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    return ", ".join(f"{k} {old.get(k)!r} there vs {new.get(k)!r} here" for k in keys)
+
+
+def save_atomic(path: Path, write: Callable[[Path], object]) -> None:
+    """Write `path` through a temporary file beside it, so that an interruption leaves the old file or the new one.
+
+    Args:
+        path: The file to write.
+        write: Writes the content to the path it is given.
+    """
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def train(cfg: RunConfig, *, quiet: bool = True, checkpoint: str | Path | None = None,
+          checkpoint_every: int | None = None) -> dict[str, Any]:
     """Train one configuration and return its record (JSON-serialisable).
+
+    With `checkpoint`, the run saves everything its next iterations depend on (model, optimizer
+    states, batch order, random streams, the history so far) to that file every
+    `checkpoint_every` iterations, and a run started with an existing checkpoint of the same
+    configuration continues from it: its record is then the uninterrupted run's (bit for bit on
+    the CPU), except that the clocks count the iterations each process did (work lost between
+    the last checkpoint and an interruption is redone and timed once), the peak memory is the
+    last process's, and ``resumed_at`` lists the iterations it continued from. The file is left
+    in place when the run ends (`compare` removes it once the record is written).
 
     Args:
         cfg: The run configuration.
         quiet: No progress bar.
+        checkpoint: The checkpoint file (None: no checkpoints).
+        checkpoint_every: Iterations between checkpoints (None: at every evaluation).
 
     Returns:
-        ``{"config", "resolved", "machine", "task", "history", "evals", "summary"}``; see
-        `summarize` for the summary's keys.
+        ``{"config", "resolved", "machine", "task", "history", "evals", "memory", "diverged",
+        "resumed_at", "summary"}``; see `summarize` for the summary's keys.
+
+    Raises:
+        ValueError: If `checkpoint` holds another configuration's run, or `checkpoint_every` < 1.
     """
+    if checkpoint_every is not None and checkpoint_every < 1:
+        raise ValueError(f"`checkpoint_every` must be at least 1; got {checkpoint_every}.")
     threads = torch.get_num_threads()
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     try:
-        return _train(cfg, quiet=quiet)
+        return _train(cfg, quiet=quiet, checkpoint=None if checkpoint is None else Path(checkpoint),
+                      checkpoint_every=checkpoint_every)
     finally:
         torch.set_num_threads(threads)
 
 
-def _train(cfg: RunConfig, *, quiet: bool) -> dict[str, Any]:
+def _load_checkpoint(path: Path, cfg: RunConfig) -> dict[str, Any]:
+    try:
+        state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"Cannot read the checkpoint {path} ({type(exc).__name__}: {exc}); remove it to start "
+                         "the run afresh.") from exc
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"The checkpoint {path} has format {state.get('format')!r}, not {CHECKPOINT_FORMAT}; "
+                         "remove it to start the run afresh.")
+    if state["config"] != config_key(cfg):
+        raise ValueError(f"The checkpoint {path} is of another run ({_config_diff(state['config'], cfg)}); "
+                         "remove it or checkpoint elsewhere.")
+    return state
+
+
+def _train(cfg: RunConfig, *, quiet: bool, checkpoint: Path | None, checkpoint_every: int | None) -> dict[str, Any]:
     device = resolve_device(cfg.device)
     defaults = task_defaults(cfg)
     res = resolve(cfg, defaults)
+    saved = _load_checkpoint(checkpoint, cfg) if checkpoint is not None and checkpoint.exists() else None
     task = make_task(cfg, res, device)
     step, opt = make_stepper(cfg, res, task)
     trust = opt if isinstance(opt, SNOpt) and opt.kl_clip is not None else None  # records its step scale ν
@@ -230,12 +330,39 @@ def _train(cfg: RunConfig, *, quiet: bool) -> dict[str, Any]:
             evals.setdefault(k, []).append(v)
         return ev
 
+    def save(it: int) -> None:
+        assert checkpoint is not None
+        state = {"format": CHECKPOINT_FORMAT, "config": config_key(cfg), "iteration": it,
+                 "model": task.model.state_dict(), "step": step.state_dict(), "task": task.state_dict(),
+                 "generator": generator.get_state(), "rng": torch.get_rng_state(),
+                 "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else None,
+                 "history": hist, "evals": evals, "clock": [wall, cpu], "last_eval": ev, "resumed_at": resumed}
+        checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        save_atomic(checkpoint, lambda path: torch.save(state, path))
+
     wall = cpu = 0.0
     diverged: str | None = None
-    ev = record_eval(0, 0.0, 0.0)
-    bar = progress(res.iterations, disable=quiet, desc=f"{cfg.task}/{cfg.optimizer}/seed{cfg.seed}")
+    resumed: list[int] = []
+    first = 1
+    if saved is None:
+        ev = record_eval(0, 0.0, 0.0)
+    else:
+        task.model.load_state_dict(saved["model"])
+        step.load_state_dict(saved["step"])
+        task.load_state_dict(saved["task"])
+        generator.set_state(saved["generator"])
+        torch.set_rng_state(saved["rng"])
+        if saved["cuda_rng"] is not None:
+            torch.cuda.set_rng_state_all(saved["cuda_rng"])
+        hist, evals, ev = saved["history"], saved["evals"], saved["last_eval"]
+        wall, cpu = saved["clock"]
+        resumed = [*saved["resumed_at"], int(saved["iteration"])]
+        first = resumed[-1] + 1
+    every = checkpoint_every or res.eval_every
+    bar = progress(res.iterations, disable=quiet, desc=f"{cfg.task}/{cfg.optimizer}/seed{cfg.seed}",
+                   initial=first - 1)
     try:
-        for it in range(1, res.iterations + 1):
+        for it in range(first, res.iterations + 1):
             batch = task.batch(generator)
             _sync(device)
             w0, c0 = time.perf_counter(), time.process_time()
@@ -273,6 +400,8 @@ def _train(cfg: RunConfig, *, quiet: bool) -> dict[str, Any]:
                 except SolverError as exc:  # the trained field can no longer be solved: diverged
                     diverged = f"evaluation after iteration {it}: {exc}"
                     break
+            if checkpoint is not None and it % every == 0 and it < res.iterations:
+                save(it)
             bar.update(1)
             bar.set_postfix_str(f"loss {loss:.3f} {task.metric} {ev['test_metric']:.3f}")
     finally:
@@ -295,6 +424,7 @@ def _train(cfg: RunConfig, *, quiet: bool) -> dict[str, Any]:
                    "peak_cuda_mib": (torch.cuda.max_memory_allocated(device) / 2**20
                                      if device.type == "cuda" else None)},
         "diverged": diverged,
+        "resumed_at": resumed,
     }
     result["summary"] = summarize(result)
     return result
@@ -391,9 +521,11 @@ def summarize(result: dict[str, Any], *, target_metric: float | None = None) -> 
     return out
 
 
-def _child(cfg_dict: dict[str, Any], path: str, quiet: bool) -> None:
+def _child(cfg_dict: dict[str, Any], path: str, quiet: bool, checkpoint: str | None,
+           checkpoint_every: int | None) -> None:
     try:
-        result = train(RunConfig.from_dict(cfg_dict), quiet=quiet)
+        result = train(RunConfig.from_dict(cfg_dict), quiet=quiet, checkpoint=checkpoint,
+                       checkpoint_every=checkpoint_every)
     except Exception as exc:  # reported by the parent (`run`), which knows the run
         Path(path + ".error").write_text(json.dumps({"type": type(exc).__name__, "message": str(exc),
                                                      "traceback": traceback.format_exc()}))
@@ -401,13 +533,16 @@ def _child(cfg_dict: dict[str, Any], path: str, quiet: bool) -> None:
     Path(path).write_text(json.dumps(result))
 
 
-def run(cfg: RunConfig, *, quiet: bool = True, isolate: bool = False) -> dict[str, Any]:
+def run(cfg: RunConfig, *, quiet: bool = True, isolate: bool = False, checkpoint: str | Path | None = None,
+        checkpoint_every: int | None = None) -> dict[str, Any]:
     """Train `cfg`, optionally in a fresh process (so ``ru_maxrss`` is this run's own peak).
 
     Args:
         cfg: The run configuration.
         quiet: No progress bar.
         isolate: Run in a spawned child process.
+        checkpoint: Checkpoint file of the run (see `train`).
+        checkpoint_every: Iterations between checkpoints (None: at every evaluation).
 
     Returns:
         The record of `train`.
@@ -418,11 +553,12 @@ def run(cfg: RunConfig, *, quiet: bool = True, isolate: bool = False) -> dict[st
         RuntimeError: If the child process fails otherwise (with the child's error and traceback).
     """
     if not isolate:
-        return train(cfg, quiet=quiet)
+        return train(cfg, quiet=quiet, checkpoint=checkpoint, checkpoint_every=checkpoint_every)
     ctx = multiprocessing.get_context("spawn")
     with tempfile.TemporaryDirectory() as tmp:
         path = str(Path(tmp) / "result.json")
-        proc = ctx.Process(target=_child, args=(cfg.to_dict(), path, quiet))
+        proc = ctx.Process(target=_child, args=(cfg.to_dict(), path, quiet,
+                                                  None if checkpoint is None else str(checkpoint), checkpoint_every))
         proc.start()
         proc.join()
         error = Path(path + ".error")
@@ -444,10 +580,37 @@ def run_name(cfg: RunConfig) -> str:
     return f"{cfg.task}-{dataset_of(cfg)}_{cfg.optimizer}_seed{cfg.seed}"
 
 
+def _run_or_resume(cfg: RunConfig, ckpt_dir: Path | None, *, quiet: bool, isolate: bool,
+                   echo: Callable[[str], None] | None, checkpoint_every: int | None) -> dict[str, Any]:
+    name = run_name(cfg)
+    if ckpt_dir is None:
+        if echo:
+            echo(f"[{name}] training ...")
+        return run(cfg, quiet=quiet, isolate=isolate)
+    done, ckpt = ckpt_dir / f"{name}.json", ckpt_dir / f"{name}.ckpt"
+    if done.exists():
+        r: dict[str, Any] = json.loads(done.read_text())
+        key = config_key(RunConfig.from_dict(r["config"]))
+        if key != config_key(cfg):
+            raise ValueError(f"{done} is the record of another run ({_config_diff(key, cfg)}); remove it or "
+                             "choose another checkpoint folder.")
+        if echo:
+            echo(f"[{name}] finished earlier: read back from {done}")
+        return r
+    if echo:
+        echo(f"[{name}] " + (f"resuming from {ckpt} ..." if ckpt.exists() else "training ..."))
+    r = run(cfg, quiet=quiet, isolate=isolate, checkpoint=ckpt, checkpoint_every=checkpoint_every)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    save_atomic(done, lambda path: path.write_text(json.dumps(r)))
+    ckpt.unlink(missing_ok=True)
+    return r
+
+
 def compare(base: RunConfig, optimizers: Sequence[str], seeds: Sequence[int], *, out_dir: str | Path | None = None,
             lrs: dict[str, float] | None = None, quiet: bool = True, isolate: bool = False, plots: bool = True,
             echo: Callable[[str], None] | None = print,
-            on_run: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+            on_run: Callable[[dict[str, Any]], None] | None = None, checkpoint_dir: str | Path | None = None,
+            checkpoint_every: int | None = None) -> dict[str, Any]:
     """Train every optimizer on every seed (interleaved: seed-major), then tabulate and plot.
 
     For a task whose metric is an NLL, the metric target becomes Adam's mean final test NLL
@@ -465,18 +628,27 @@ def compare(base: RunConfig, optimizers: Sequence[str], seeds: Sequence[int], *,
         echo: Where progress lines and the table go (None: silent).
         on_run: Called with each run's record as soon as it finishes (e.g. to append it to a log, so an
             interrupted comparison loses no finished run).
+        checkpoint_dir: Where each run checkpoints (``<run>.ckpt``, see `train`) and, once finished,
+            leaves its record (``<run>.json``). Called again with the same folder, the comparison
+            reads the finished runs back instead of training them and continues an interrupted run
+            from its checkpoint. None: no checkpoints.
+        checkpoint_every: Iterations between checkpoints (None: at every evaluation).
 
     Returns:
         ``{"runs": [records], "aggregate": {...}, "ratios": {...}, "table": str, "files": [...]}``.
+
+    Raises:
+        ValueError: If `checkpoint_dir` holds a checkpoint or a finished record of the same run name
+            with another configuration.
     """
     runs: list[dict[str, Any]] = []
+    ckpt_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
     for seed in seeds:
         for name in optimizers:
             lr = (lrs or {}).get(name, base.lr)
             cfg = replace(base, optimizer=name, seed=seed, lr=lr)  # type: ignore[arg-type]
-            if echo:
-                echo(f"[{run_name(cfg)}] training ...")
-            r = run(cfg, quiet=quiet, isolate=isolate)
+            r = _run_or_resume(cfg, ckpt_dir, quiet=quiet, isolate=isolate, echo=echo,
+                               checkpoint_every=checkpoint_every)
             s = r["summary"]
             if echo:
                 echo(f"[{run_name(cfg)}] {s['iterations_done']} it in {s['train_time']:.1f} s, final "
@@ -727,6 +899,7 @@ def quiet_warnings() -> None:
 
 __all__ = [
     "DEFAULT_DATASETS",
+    "Stepper",
     "aggregate",
     "compare",
     "dataset_of",
