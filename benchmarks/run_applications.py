@@ -40,6 +40,7 @@ marked ``extended``; the protocol tables never use them.
 
 import argparse
 import gzip
+import hashlib
 import json
 import math
 import os
@@ -60,9 +61,11 @@ from snopt.experiments import RunConfig, plot_comparison
 from snopt.experiments._common import cpu_model
 from snopt.experiments._runner import (
     compare,
+    config_key,
     format_ratio,
     quiet_warnings,
     run,
+    run_name,
     summarize,
     tabulate,
     task_defaults,
@@ -702,11 +705,15 @@ def decided_lines(runs: list[dict[str, Any]], extended: list[dict[str, Any]],
 
 
 def run_pool(jobs: list[tuple[RunConfig, dict[str, Any]]], workers: int, log: Path | None,
-             run_one: Callable[..., dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+             run_one: Callable[..., dict[str, Any]] | None = None,
+             checkpoint_dir: Path | None = None) -> list[dict[str, Any]]:
     """Run each configuration in a fresh process, `workers` at a time, in order.
 
     Each record gets its job's marks (e.g. ``{"extended": True}``), is summed up in one printed line and is
-    appended to `log` as it finishes, so an interrupted benchmark keeps what it ran.
+    appended to `log` as it finishes, so an interrupted benchmark keeps what it ran. A job whose
+    configuration and marks `log` already holds is read from it, not run again; with `checkpoint_dir`, a
+    run continues from its checkpoint there (``<run>-<hash of its configuration>.ckpt``, removed once the
+    run is in the log). Together they let the same command, run again, pick up where it stopped.
 
     Args:
         jobs: ``(configuration, marks)`` pairs.
@@ -714,15 +721,30 @@ def run_pool(jobs: list[tuple[RunConfig, dict[str, Any]]], workers: int, log: Pa
         log: The JSON-lines run log (None: none).
         run_one: What trains one configuration (default: `run`; a caller passes its own module's, which tests
             replace).
+        checkpoint_dir: Where runs checkpoint (None: nowhere).
 
     Returns:
         The records, in the order of `jobs`.
     """
     write, lock = (None if log is None else append_run(log)), threading.Lock()
+    logged = read_log(log) if log is not None and log.exists() else []
+
+    def earlier(cfg: RunConfig, marks: dict[str, Any]) -> dict[str, Any] | None:
+        key = config_key(cfg)
+        return next((r for r in logged if all(r.get(k) == v for k, v in marks.items())
+                     and config_key(RunConfig.from_dict(r["config"])) == key), None)
 
     def one(job: tuple[RunConfig, dict[str, Any]]) -> dict[str, Any]:
         cfg, marks = job
-        r = (run_one or run)(cfg, isolate=True)
+        found = earlier(cfg, marks)
+        if found is not None:
+            print(f"  {cfg.optimizer} seed {cfg.seed}, {found['summary']['iterations_done']} iterations: read from "
+                  f"{log}", flush=True)
+            return found
+        ckpt = None if checkpoint_dir is None else checkpoint_dir / (
+            f"{run_name(cfg)}-{hashlib.sha1(config_key(cfg).encode()).hexdigest()[:10]}.ckpt")
+        train_one = run_one or run
+        r = train_one(cfg, isolate=True) if ckpt is None else train_one(cfg, isolate=True, checkpoint=ckpt)
         r.update(marks)
         s = r["summary"]
         final = s["final_test_metric"]
@@ -733,6 +755,8 @@ def run_pool(jobs: list[tuple[RunConfig, dict[str, Any]]], workers: int, log: Pa
         if write is not None:
             with lock:
                 write(r)
+        if ckpt is not None:
+            ckpt.unlink(missing_ok=True)
         return r
 
     with ThreadPoolExecutor(max(1, workers)) as pool:
@@ -740,13 +764,15 @@ def run_pool(jobs: list[tuple[RunConfig, dict[str, Any]]], workers: int, log: Pa
 
 
 def run_longer(plan: list[RunConfig], have: list[dict[str, Any]], jobs: int, log: Path | None,
-               run_one: Callable[..., dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+               run_one: Callable[..., dict[str, Any]] | None = None,
+               checkpoint_dir: Path | None = None) -> list[dict[str, Any]]:
     """Run the configurations of `plan` that `have` holds no run for (`jobs` at a time, each in a fresh process,
-    by `run_one` as in `run_pool`), marked ``extended`` and appended to `log`; returns the new runs."""
+    by `run_one` and checkpointed as in `run_pool`), marked ``extended`` and appended to `log`; returns the new
+    runs."""
     todo = [c for c in plan if planned_run(c, have) is None]
     print(f"--decide: {len(todo)} longer run(s): " + ", ".join(f"{c.optimizer} seed {c.seed} to {c.iterations} "
                                                              f"iterations" for c in todo), flush=True)
-    return run_pool([(c, {"extended": True}) for c in todo], jobs, log, run_one)
+    return run_pool([(c, {"extended": True}) for c in todo], jobs, log, run_one, checkpoint_dir)
 
 
 def overhead_lines(result: dict[str, Any]) -> list[str]:
@@ -907,7 +933,8 @@ def task_section(task: str, result: dict[str, Any], seeds: list[int], wall: floa
         task: Key of `TASKS`.
         result: `compare`'s or `tabulate`'s result for the task.
         seeds: The seeds of its runs.
-        wall: The task's wall-clock in seconds (None: written from a log, where it was not recorded).
+        wall: The task's wall-clock in seconds (None: written from a log, where it was not recorded, or
+            resumed, where it was spread over processes).
         left_out: Runs of seeds that did not finish every optimizer (named, not tabulated).
         preset: ``"fast"`` (the tuned presets) or ``"paper"`` (the authors' settings).
         extended: Longer runs that settle undetermined verdicts (`decide_plan`), with summaries.
@@ -950,6 +977,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--raw", type=Path, default=None, help="also keep every run's JSON record here")
     p.add_argument("--log", type=Path, default=None, help="append each finished run to this JSON-lines file")
+    p.add_argument("--checkpoint-dir", type=Path, default=None, metavar="DIR",
+                   help="checkpoint every run in DIR; the same command run again continues the interrupted runs "
+                        "(and, with the same --log, reuses the logged ones)")
     p.add_argument("--from-log", type=Path, default=None,
                    help="write the tables and plots from this --log file (or its .gz); no training")
     p.add_argument("--decide", action="store_true",
@@ -998,10 +1028,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[{task}] benchmark, seeds {seeds}, settings {kept or args.preset + ' preset'} ...", flush=True)
             t0 = time.perf_counter()
             result = compare(base, OPTIMIZERS, seeds, out_dir=args.raw, lrs=lrs, isolate=True, plots=False,
-                             echo=print, on_run=None if args.log is None else append_run(args.log))
-            wall, left_out, extended = time.perf_counter() - t0, [], []
+                             echo=print, on_run=None if args.log is None else append_run(args.log),
+                             checkpoint_dir=None if args.checkpoint_dir is None else args.checkpoint_dir / args.preset)
+            pieced = len(result["runs"]) > result["trained"] or any(r.get("resumed_at") for r in result["runs"])
+            wall = None if pieced else time.perf_counter() - t0  # a resumed task's took more than one process
+            left_out, extended = [], []
         if args.decide and task != "cnf":
-            extended += run_longer(decide_plan(result["runs"]), extended, args.jobs, args.log)
+            extended += run_longer(decide_plan(result["runs"]), extended, args.jobs, args.log,
+                                   checkpoint_dir=args.checkpoint_dir)
         all_runs += result["runs"]
         settled_any = settled_any or bool(extended)
         plot_comparison(result["runs"], args.out / plot_name(task, args.preset))

@@ -225,6 +225,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--extra", action="append", default=[], metavar="NAME=LR",
                    help="also run optimizer NAME at learning rate LR (outside the protocol; a table of its own)")
     p.add_argument("--log", type=Path, default=None, help="append each finished run to this JSON-lines file")
+    p.add_argument("--checkpoint-dir", type=Path, default=None, metavar="DIR",
+                   help="checkpoint every run in DIR; the same command run again continues the interrupted runs "
+                        "and, with the same --log, reuses the logged ones")
     p.add_argument("--from-log", type=Path, default=None, help="write the tables from this --log file; no training")
     p.add_argument("--decide", action="store_true",
                    help="settle undetermined ≤ 0.5 verdicts by longer runs of the seeds where Adam or SGD missed a "
@@ -253,23 +256,27 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"{args.from_log} holds no seed whose protocol runs all finished")
         runs = [{**r, "summary": summarize(r)} for r in runs]  # with this version's measures
         seeds = sorted({r["config"]["seed"] for r in runs})
-        elapsed, args.jobs = None, int(runs[0].get("jobs", args.jobs))
+        elapsed, args.jobs, source = None, int(runs[0].get("jobs", args.jobs)), args.from_log
     else:
         kept = benchmark_configs(mine, args.seeds)
         jobs = [(c, False) for c in kept] + [(replace(c, optimizer=name, lr=lr), True)  # type: ignore[arg-type]
                                               for c in kept if c.optimizer == "snopt" for name, lr in extra]
         jobs.sort(key=lambda j: j[0].seed)  # seed-major: an interrupted benchmark still leaves whole seeds
         jobs = [(replace(c, device=args.device, iterations=args.iterations or c.iterations), x) for c, x in jobs]
+        source = None
+        prior = args.log is not None and args.log.exists() and bool(read_log(args.log))
         runs = run_pool([(cfg, {"extra": is_extra, "jobs": args.jobs}) for cfg, is_extra in jobs], args.jobs,
-                        args.log, run_one=run)
+                        args.log, run_one=run, checkpoint_dir=args.checkpoint_dir)
         seeds, elapsed, left_out, extended = args.seeds, time.perf_counter() - start, [], []
+        if prior or any(r.get("resumed_at") for r in runs):  # pieced together over processes: no one elapsed time
+            elapsed, source = None, args.log
     if args.decide:
         plan = [replace(c, device=args.device) for c in decide_plan(split_runs(runs)[0],
                                                                     "cpu" if args.device == "cpu" else "wall")]
-        extended += run_longer(plan, extended, args.jobs, args.log, run_one=run)
+        extended += run_longer(plan, extended, args.jobs, args.log, run_one=run, checkpoint_dir=args.checkpoint_dir)
     device = args.device
     text = report(runs, mine, out=args.out, seeds=seeds, jobs=args.jobs, elapsed=elapsed, device=device,
-                  left_out=left_out, log=args.from_log, extended=extended)
+                  left_out=left_out, log=source, extended=extended)
     name, _ = output_names(split_runs(runs)[0], device != "cpu")
     (args.out / name).write_text(text)
     print(text)

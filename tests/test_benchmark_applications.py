@@ -280,3 +280,49 @@ def test_decide_reruns_the_undetermined_seeds_longer_and_the_log_rewrites_the_ta
                        "--out", str(again)]) == 0
     assert not asked
     assert _stamp_free((again / "applications_paper_cpu.md").read_text()) == _stamp_free(text)
+
+
+def test_run_pool_reuses_logged_runs_and_continues_checkpointed_ones(bench: ModuleType, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    # Two jobs with one run name (the protocol's Adam and an extra Adam at another rate), real 6-iteration runs.
+    from snopt.experiments._digits import ImageTask
+
+    base = RunConfig(task="digits", optimizer="adam", iterations=6, batch_size=32, eval_every=2,
+                     options={"hidden": 4, "eval_train": 50})
+    jobs = [(base, {"extra": False}), (replace(base, lr=0.003), {"extra": True})]
+    asked: list[tuple[RunConfig, Path | None]] = []
+
+    def one(cfg: RunConfig, isolate: bool = False, checkpoint: Path | None = None) -> dict[str, Any]:
+        asked.append((cfg, checkpoint))
+        return REAL_RUN(cfg, checkpoint=checkpoint)
+
+    drawn = [0]
+    batch = ImageTask.batch
+
+    def interrupted(self: ImageTask, generator: Any) -> Any:
+        drawn[0] += 1
+        if drawn[0] == 6 + 4:  # the first job finishes; the second stops in its iteration 4 (checkpoint at 2)
+            raise KeyboardInterrupt
+        return batch(self, generator)
+
+    monkeypatch.setattr(ImageTask, "batch", interrupted)
+    log, ckdir = tmp_path / "runs.jsonl", tmp_path / "ck"
+    with pytest.raises(KeyboardInterrupt):
+        bench.run_pool(jobs, 1, log, one, ckdir)
+    assert len(bench.read_log(log)) == 1
+    names = [c.name for _, c in asked if c is not None]
+    assert len(set(names)) == 2 and all(n.startswith("digits-digits_adam_seed0-") for n in names)
+    assert [p.name for p in ckdir.iterdir()] == [names[1]]  # the finished run's checkpoint is gone
+    asked.clear()
+    drawn[0] = -1000  # no more interruptions
+    runs = bench.run_pool(jobs, 1, log, one, ckdir)
+    assert [c for c, _ in asked] == [jobs[1][0]]  # the logged run was read back, the other one continued
+    assert [r["resumed_at"] for r in runs] == [[], [2]] and [r["extra"] for r in runs] == [False, True]
+    assert drawn[0] == -1000 + 4 and not list(ckdir.iterdir())
+    assert len(bench.read_log(log)) == 2
+    # A third call trains nothing; other marks are another job.
+    asked.clear()
+    again = bench.run_pool(jobs, 1, log, one, ckdir)
+    assert not asked and [r["history"] for r in again] == [r["history"] for r in runs]
+    bench.run_pool([(base, {"extra": True})], 1, log, one, ckdir)
+    assert [c for c, _ in asked] == [base]

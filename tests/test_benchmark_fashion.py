@@ -182,3 +182,32 @@ def test_decide_settles_the_committed_verdicts_on_the_runs_clock(
     assert fashion.main(["--from-log", str(merged), "--device", device, "--decide", "--out", str(again)]) == 0
     assert not asked
     assert next(again.glob("fashion_*.md")).read_text().splitlines()[3:] == text.splitlines()[3:]
+
+
+def test_the_benchmark_run_again_with_its_log_reads_the_runs_back(fashion: ModuleType, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    asked: list[RunConfig] = []
+
+    def tiny(cfg: RunConfig, isolate: bool = False, checkpoint: Path | None = None) -> dict[str, Any]:
+        asked.append(cfg)
+        small = replace(cfg, task="digits", iterations=3, eval_every=3, options={}, target_loss=None,
+                        target_metric=None)
+        return {**real_run(small, checkpoint=checkpoint), "config": cfg.to_dict()}  # as if it were cfg's run
+
+    monkeypatch.setattr(fashion, "run", tiny)
+    log, ckdir = tmp_path / "runs.jsonl", tmp_path / "ck"
+    args = ["--seeds", "0", "--jobs", "1", "--log", str(log), "--checkpoint-dir", str(ckdir)]
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir()
+    second.mkdir()
+    assert fashion.main([*args, "--out", str(first)]) == 0
+    assert len(asked) == 3 and len(fashion.read_log(log)) == 3 and not list(ckdir.glob("*"))
+    assert " in " in (first / "fashion_cpu.md").read_text().split("Generated ")[1].split(",")[0]
+    asked.clear()
+    assert fashion.main([*args, "--out", str(second)]) == 0
+    assert not asked and len(fashion.read_log(log)) == 3  # nothing trained, nothing logged twice
+    text = (second / "fashion_cpu.md").read_text()
+    assert "from the runs recorded in `runs.jsonl`" in text  # no single elapsed time for a pieced-together run
+    table = [ln for ln in text.splitlines() if ln.startswith("| snopt |")]
+    assert table and table == [ln for ln in (first / "fashion_cpu.md").read_text().splitlines()
+                               if ln.startswith("| snopt |")]

@@ -129,8 +129,11 @@ def test_compare_reads_finished_runs_back_and_resumes_the_interrupted_one(
                                                        "digits-digits_sgd_seed0.ckpt"]
     drawn = _interrupt_at(monkeypatch, ImageTask, None)
     lines: list[str] = []
-    result = runner.compare(base, ["adam", "sgd"], [0], echo=lines.append, checkpoint_dir=ckdir)
+    finished: list[dict[str, Any]] = []
+    result = runner.compare(base, ["adam", "sgd"], [0], echo=lines.append, checkpoint_dir=ckdir,
+                            on_run=finished.append)
     assert drawn[0] == 6 - 2  # adam read back; sgd from its checkpoint at iteration 2
+    assert result["trained"] == 1 and [r["config"]["optimizer"] for r in finished] == ["sgd"]  # no double logging
     assert any("adam_seed0] finished earlier" in line for line in lines)
     assert any("sgd_seed0] resuming from" in line for line in lines)
     assert sorted(p.name for p in ckdir.iterdir()) == ["digits-digits_adam_seed0.json",

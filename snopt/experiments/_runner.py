@@ -581,12 +581,14 @@ def run_name(cfg: RunConfig) -> str:
 
 
 def _run_or_resume(cfg: RunConfig, ckpt_dir: Path | None, *, quiet: bool, isolate: bool,
-                   echo: Callable[[str], None] | None, checkpoint_every: int | None) -> dict[str, Any]:
+                   echo: Callable[[str], None] | None,
+                   checkpoint_every: int | None) -> tuple[dict[str, Any], bool]:
+    """`cfg`'s record and whether it was trained now (False: read back from `ckpt_dir`)."""
     name = run_name(cfg)
     if ckpt_dir is None:
         if echo:
             echo(f"[{name}] training ...")
-        return run(cfg, quiet=quiet, isolate=isolate)
+        return run(cfg, quiet=quiet, isolate=isolate), True
     done, ckpt = ckpt_dir / f"{name}.json", ckpt_dir / f"{name}.ckpt"
     if done.exists():
         r: dict[str, Any] = json.loads(done.read_text())
@@ -596,14 +598,14 @@ def _run_or_resume(cfg: RunConfig, ckpt_dir: Path | None, *, quiet: bool, isolat
                              "choose another checkpoint folder.")
         if echo:
             echo(f"[{name}] finished earlier: read back from {done}")
-        return r
+        return r, False
     if echo:
         echo(f"[{name}] " + (f"resuming from {ckpt} ..." if ckpt.exists() else "training ..."))
     r = run(cfg, quiet=quiet, isolate=isolate, checkpoint=ckpt, checkpoint_every=checkpoint_every)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     save_atomic(done, lambda path: path.write_text(json.dumps(r)))
     ckpt.unlink(missing_ok=True)
-    return r
+    return r, True
 
 
 def compare(base: RunConfig, optimizers: Sequence[str], seeds: Sequence[int], *, out_dir: str | Path | None = None,
@@ -627,7 +629,7 @@ def compare(base: RunConfig, optimizers: Sequence[str], seeds: Sequence[int], *,
         plots: Write the PNG plots.
         echo: Where progress lines and the table go (None: silent).
         on_run: Called with each run's record as soon as it finishes (e.g. to append it to a log, so an
-            interrupted comparison loses no finished run).
+            interrupted comparison loses no finished run); not for runs read back from `checkpoint_dir`.
         checkpoint_dir: Where each run checkpoints (``<run>.ckpt``, see `train`) and, once finished,
             leaves its record (``<run>.json``). Called again with the same folder, the comparison
             reads the finished runs back instead of training them and continues an interrupted run
@@ -635,27 +637,30 @@ def compare(base: RunConfig, optimizers: Sequence[str], seeds: Sequence[int], *,
         checkpoint_every: Iterations between checkpoints (None: at every evaluation).
 
     Returns:
-        ``{"runs": [records], "aggregate": {...}, "ratios": {...}, "table": str, "files": [...]}``.
+        ``{"runs": [records], "aggregate": {...}, "ratios": {...}, "table": str, "files": [...], "trained": n}``,
+        where ``trained`` counts the runs trained in this call (the others were read back from `checkpoint_dir`).
 
     Raises:
         ValueError: If `checkpoint_dir` holds a checkpoint or a finished record of the same run name
             with another configuration.
     """
     runs: list[dict[str, Any]] = []
+    trained = 0
     ckpt_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
     for seed in seeds:
         for name in optimizers:
             lr = (lrs or {}).get(name, base.lr)
             cfg = replace(base, optimizer=name, seed=seed, lr=lr)  # type: ignore[arg-type]
-            r = _run_or_resume(cfg, ckpt_dir, quiet=quiet, isolate=isolate, echo=echo,
-                               checkpoint_every=checkpoint_every)
+            r, fresh = _run_or_resume(cfg, ckpt_dir, quiet=quiet, isolate=isolate, echo=echo,
+                                      checkpoint_every=checkpoint_every)
             s = r["summary"]
             if echo:
                 echo(f"[{run_name(cfg)}] {s['iterations_done']} it in {s['train_time']:.1f} s, final "
                      f"{r['task']['metric']} {s['final_test_metric']}, loss {s['final_train_loss']}"
                      + (f" (diverged: {r['diverged']})" if r["diverged"] else ""))
             runs.append(r)
-            if on_run is not None:
+            trained += fresh
+            if on_run is not None and fresh:
                 on_run(r)
     tab = tabulate(runs)
     agg, ratios, table = tab["aggregate"], tab["ratios"], tab["table"]
@@ -677,7 +682,7 @@ def compare(base: RunConfig, optimizers: Sequence[str], seeds: Sequence[int], *,
             files.extend(str(f) for f in plot_comparison(runs, out / f"{stem}_curves.png"))
     if echo:
         echo(table)
-    return {"runs": runs, "aggregate": agg, "ratios": ratios, "table": table, "files": files}
+    return {"runs": runs, "aggregate": agg, "ratios": ratios, "table": table, "files": files, "trained": trained}
 
 
 def tabulate(runs: list[dict[str, Any]]) -> dict[str, Any]:
