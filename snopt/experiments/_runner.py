@@ -352,7 +352,7 @@ def _train(cfg: RunConfig, *, quiet: bool, checkpoint: Path | None, checkpoint_e
         task.load_state_dict(saved["task"])
         generator.set_state(saved["generator"])
         torch.set_rng_state(saved["rng"])
-        if saved["cuda_rng"] is not None and device.type == "cuda":  # (a CPU resume of a GPU run goes on)
+        if saved["cuda_rng"] is not None and device.type == "cuda":  # resumed on a CPU: the CUDA streams are moot
             torch.cuda.set_rng_state_all(saved["cuda_rng"])
         hist, evals, ev = saved["history"], saved["evals"], saved["last_eval"]
         wall, cpu = saved["clock"]
