@@ -59,12 +59,13 @@ SOURCES = (
 @dataclass(frozen=True)
 class Point:
     """One seed's ratio: ``bound`` is ``"="`` (measured), ``"<="`` or ``">="``; ``diverged``: the other optimizer
-    diverged before the target (ratio 0)."""
+    diverged before the target (ratio 0); ``apart``: settled by a longer run on another trajectory."""
 
     seed: int
     ratio: float
     bound: str
     diverged: bool = False
+    apart: bool = False
 
 
 @dataclass(frozen=True)
@@ -128,7 +129,7 @@ def comparison_rows(runs: list[dict[str, Any]], extended: list[dict[str, Any]], 
                     continue
                 sr = seed_ratio(snopt[sd], o, k, extended, clock)
                 if sr is not None:
-                    points.append(Point(sd, sr.ratio, sr.bound, sr.ratio == 0.0 and sr.times is None))
+                    points.append(Point(sd, sr.ratio, sr.bound, sr.ratio == 0.0 and sr.times is None, sr.apart))
                     if sr.times is not None:
                         times.append(sr.times)
                 elif o["summary"][key]:  # SNOpt missed it, the other did not: SNOpt's whole run is a lower bound
@@ -209,12 +210,17 @@ def plot(rows: list[Row], path: Path) -> None:
 def markdown(rows: list[Row]) -> str:
     """The plotted numbers as a table (so the figure can be checked)."""
     def cell(p: Point) -> str:
-        return f"s{p.seed} " + ("0 (diverged)" if p.diverged else f"{'' if p.bound == '=' else p.bound}{p.ratio:.2f}")
+        return (f"s{p.seed} " + ("0 (diverged)" if p.diverged else f"{'' if p.bound == '=' else p.bound}{p.ratio:.2f}")
+                + ("†" if p.apart else ""))
     def met(p: Point) -> bool:
         return p.ratio <= TARGET_RATIO and p.bound != ">="
     points = [p for r in rows for p in r.points]
+    apart = sum(p.apart for p in points)
     lines = [f"Seed-level comparisons: {len(points)}; the goal ≤ {TARGET_RATIO} is met on {sum(map(met, points))}, "
-             f"{sum(p.diverged for p in points)} of them because the other optimizer diverged before the target.", "",
+             f"{sum(p.diverged for p in points)} of them because the other optimizer diverged before the target."
+             + (f" † ({apart}): settled by a longer run on another trajectory (another host's rounding; timed in its "
+                "function evaluations at the protocol host's speed, as its results file explains)." if apart else ""),
+             "",
              "| setting | ÷ | target | clock | per seed | ratio of the means | met |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         n_met = sum(map(met, r.points))

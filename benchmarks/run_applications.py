@@ -551,19 +551,29 @@ def runs_from_log(logged: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], l
     return runs, left_out, extended
 
 
+def reproduces(run_: dict[str, Any], longer: dict[str, Any]) -> bool:
+    """Whether `longer` repeated `run_`'s computation: every evaluation `run_` made, bit for bit.
+
+    On one host a seed's run is deterministic, so a longer run of it repeats it. On another host
+    (other CPU kernels, other rounding) the trajectory parts from the first iterations on: the
+    longer run is then an independent run of the same initialisation and batch order.
+    """
+    shared = len(run_["evals"]["train_loss"])
+    return bool(longer["evals"]["train_loss"][:shared] == run_["evals"]["train_loss"])
+
+
 def continued_time(run_: dict[str, Any], longer: dict[str, Any], t: float, clock: str = "cpu") -> float:
     """A reading `t` of `longer`'s `clock` on `run_`'s: the time `run_` itself would have shown, continued.
 
     Both runs compute the same iterations up to `run_`'s last (same seed, same batches), but a
     later process on a shared machine may run them at another speed. So the iterations they share
-    are timed by `run_`'s own clock and only the rest by `longer`'s. Where the evaluations of the shared
-    iterations differ (not the same computation after all), `t` is returned unchanged.
+    are timed by `run_`'s own clock and only the rest by `longer`'s. Where the longer run does not
+    `reproduce` `run_` (not the same computation after all), `t` is returned unchanged.
     """
     n = run_["summary"]["iterations_done"]
     key = CLOCKS[clock][2]
     mine, theirs = run_["history"][key], longer["history"][key]
-    shared = len(run_["evals"]["train_loss"])
-    if n < 1 or len(theirs) < n or longer["evals"]["train_loss"][:shared] != run_["evals"]["train_loss"]:
+    if n < 1 or len(theirs) < n or not reproduces(run_, longer):
         return t
     return float(t) - float(theirs[n - 1]) + float(mine[n - 1])
 
@@ -579,6 +589,9 @@ class SeedRatio:
         how: What settled it, in words (a cell of the "Settled by longer runs" table).
         times: ``(SNOpt's time, the other's)`` where both reached the target, else None.
         longer: Whether a longer run (`decide_plan`) decided it.
+        apart: Whether that longer run took another trajectory (it does not `reproduce` the protocol run, so
+            it is timed by its own clock throughout and stands for the seed as an independent run).
+        run: That longer run, where one decided it.
     """
 
     ratio: float
@@ -586,6 +599,8 @@ class SeedRatio:
     how: str
     times: tuple[float, float] | None
     longer: bool
+    apart: bool = False
+    run: dict[str, Any] | None = None
 
 
 def seed_ratio(mine: dict[str, Any], other: dict[str, Any], k: str, extended: list[dict[str, Any]],
@@ -594,7 +609,9 @@ def seed_ratio(mine: dict[str, Any], other: dict[str, Any], k: str, extended: li
 
     The other's run reached the target: the measured ratio. It diverged before it: 0. It missed it: its longer
     run (`planned_run`), timed by `continued_time`, if one exists; otherwise its whole training time, an upper
-    bound.
+    bound. A longer run on another trajectory (it does not `reproduce` the protocol run) is timed by its
+    function evaluations at the protocol run's cost per evaluation, and settles nothing where it reached the
+    target or diverged within the protocol run's iterations (the two runs then disagree).
 
     Args:
         mine: SNOpt's protocol run on the seed (with its summary).
@@ -623,15 +640,28 @@ def seed_ratio(mine: dict[str, Any], other: dict[str, Any], k: str, extended: li
         return SeedRatio(t / o[total], "<=", f"missed in its {o['iterations_done']} iterations"
                          + ("; not yet run longer" if cfg is not None else ", long enough to settle it"), None, False)
     es = e["summary"]
+    apart = not reproduces(other, e)
+    run_text = "a longer run" + (" on another trajectory" if apart else "")
+    rate = clock_per_nfe(other, clock)  # another trajectory: its evaluations at the protocol host's speed
+    event = es[f"iterations_to_target_{k}"] if es[key] is not None else es["iterations_done"] if e["diverged"] else None
+    if apart and event is not None and event <= o["iterations_done"]:
+        # The protocol run is the seed's record over its budget: another trajectory that reached the target or
+        # diverged inside it contradicts that record instead of continuing it.
+        what = "reached it" if es[key] is not None else "diverged"
+        return SeedRatio(t / o[total], "<=", f"missed in its {o['iterations_done']} iterations; {run_text} {what} "
+                         f"at iteration {event}, inside them: the two disagree, so it settles nothing", None, True,
+                         apart, e)
     if es[key] is not None:
-        theirs = continued_time(other, e, es[key], clock)
-        return SeedRatio(t / theirs, "=", f"reached at iteration {es[f'iterations_to_target_{k}']} of a longer run",
-                         (t, theirs), True)
+        theirs = es[f"nfe_to_target_{k}"] * rate if apart else continued_time(other, e, es[key], clock)
+        return SeedRatio(t / theirs, "=", f"reached at iteration {es[f'iterations_to_target_{k}']} of {run_text}",
+                         (t, theirs), True, apart, e)
     if e["diverged"]:
-        return SeedRatio(0.0, "=", f"a longer run diverged before reaching it: {e['diverged'].split(':', 1)[0]}",
-                         None, True)
-    return SeedRatio(t / continued_time(other, e, es[total], clock), "<=",
-                     f"missed in a longer run of {es['iterations_done']} iterations", None, True)
+        return SeedRatio(0.0, "=", f"{run_text} diverged before reaching it: {e['diverged'].split(':', 1)[0]}",
+                         None, True, apart, e)
+    theirs = es["total_nfe"] * rate if apart else continued_time(other, e, es[total], clock)
+    how = (f"missed in {es['iterations_done']} iterations of {run_text}" if apart else
+           f"missed in {run_text} of {es['iterations_done']} iterations")
+    return SeedRatio(t / theirs, "<=", how, None, True, apart, e)
 
 
 def decided_lines(runs: list[dict[str, Any]], extended: list[dict[str, Any]],
@@ -652,7 +682,8 @@ def decided_lines(runs: list[dict[str, Any]], extended: list[dict[str, Any]],
     """
     snopt = {r["config"]["seed"]: r for r in runs if r["config"]["optimizer"] == "snopt"}
     seeds = sorted(snopt)
-    rows, verdict_out = [], []
+    rows, verdict_out, any_apart = [], [], False
+    pairs: dict[tuple[str, int], tuple[dict[str, Any], dict[str, Any]]] = {}  # (optimizer, seed) -> runs apart
     prefix, _, _, name = CLOCKS[clock]
     for other in ("adam", "sgd"):
         theirs = {r["config"]["seed"]: r for r in runs if r["config"]["optimizer"] == other and not r.get("extra")}
@@ -662,6 +693,7 @@ def decided_lines(runs: list[dict[str, Any]], extended: list[dict[str, Any]],
                        for sd in seeds):
                 continue
             cells, outcomes, longer, times = [], [], False, []  # times: (SNOpt's, the other's) where both reached it
+            apart = 0  # seeds settled by a longer run on another trajectory
             for sd in seeds:
                 o = theirs.get(sd)
                 sr = None if o is None else seed_ratio(snopt[sd], o, k, extended, clock)
@@ -670,6 +702,9 @@ def decided_lines(runs: list[dict[str, Any]], extended: list[dict[str, Any]],
                     outcomes.append("undetermined")
                     continue
                 longer = longer or sr.longer
+                apart += sr.apart
+                if sr.apart and o is not None and sr.run is not None:
+                    pairs[(other, sd)] = (o, sr.run)
                 if sr.times is not None:
                     times.append(sr.times)
                 outcomes.append(ratio_verdict({"ratio": sr.ratio, "bound": sr.bound}, TARGET_RATIO))
@@ -684,6 +719,9 @@ def decided_lines(runs: list[dict[str, Any]], extended: list[dict[str, Any]],
                        + (f", undetermined on {outcomes.count('undetermined')}" if "undetermined" in outcomes else ""))
             if len(times) == len(seeds):  # every seed a measured ratio: also the tables' ratio of the means
                 verdict += f"; ratio of the means {sum(t[0] for t in times) / sum(t[1] for t in times):.2f}"
+            if apart:
+                verdict += f"; {apart} of {len(outcomes)} by a longer run on another trajectory"
+                any_apart = True
             rows.append(f"| {other} | {what.removeprefix('time to the ')} | " + " | ".join(cells) + f" | {verdict} |")
             verdict_out.append(f"- SNOpt ÷ {other}, {what} ({name}), settled per seed by longer runs: **{verdict}** "
                                f"(goal ≤ {TARGET_RATIO})")
@@ -698,10 +736,42 @@ def decided_lines(runs: list[dict[str, Any]], extended: list[dict[str, Any]],
              "machine's speed drifts between processes); a run that diverged before the target never "
              "reaches it (ratio 0). These runs only settle the verdicts: the tables above and the final metrics "
              f"stay at the protocol's budget. SNOpt's {CLOCKS[clock][3]} time to the target ÷ the other's, per seed:",
+             *(["", "A longer run **on another trajectory** did not repeat the protocol run: it ran on another host, "
+                "whose CPU kernels round differently, and its evaluations part from the protocol run's from the "
+                "first on. It is an independent run of the same initialisation and batch order, and it stands for "
+                "the seed. The hosts compute at different speeds (the line under the table), so its time is its "
+                "function evaluations to the target (all of them where it missed) at the protocol run's "
+                f"{CLOCKS[clock][3]} cost per evaluation: both sides of the ratio are then on the protocol host's "
+                "clock, as SNOpt's time is its protocol run's. It only speaks for the iterations after the "
+                "protocol run's budget: where it reached the target or diverged within them, the protocol run "
+                "says otherwise, and the cell stays the protocol's bound."] if any_apart else []),
              "",
              "| SNOpt ÷ | target | " + " | ".join(f"seed {sd}" for sd in seeds) + f" | goal ≤ {TARGET_RATIO} |",
              "|---|---|" + "---|" * len(seeds) + "---|", *rows, ""]
+    if pairs:
+        speeds = [f"{opt} seed {sd} {ms_per_nfe(o, e, clock)}" for (opt, sd), (o, e) in sorted(pairs.items())]
+        table += [f"Host speed behind the runs on another trajectory ({CLOCKS[clock][3]} ms per function "
+                  "evaluation, forward and backward, over the protocol run's iterations; protocol host → this "
+                  "longer run's): " + "; ".join(speeds) + ".", ""]
     return table, verdict_out
+
+
+def clock_per_nfe(run_: dict[str, Any], clock: str = "cpu", iterations: int | None = None) -> float:
+    """`clock` seconds per function evaluation (forward and backward) of `run_` over its first `iterations`
+    (None: all): how fast its host computed, whatever the trajectory."""
+    h = run_["history"]
+    key = CLOCKS[clock][2]
+    m = len(h[key]) if iterations is None else min(iterations, len(h[key]))
+    if m < 1:
+        return 0.0
+    return float(h[key][m - 1]) / max(1.0, float(sum(h["nfe_forward"][:m]) + sum(h["nfe_backward"][:m])))
+
+
+def ms_per_nfe(run_: dict[str, Any], longer: dict[str, Any], clock: str = "cpu") -> str:
+    """``"a → b"``: `clock` milliseconds per function evaluation of `run_` and of `longer`, both over `run_`'s
+    iterations (all of `longer`'s where it stopped sooner)."""
+    n = run_["summary"]["iterations_done"]
+    return f"{1000 * clock_per_nfe(run_, clock, n):.3f} → {1000 * clock_per_nfe(longer, clock, n):.3f}"
 
 
 def run_pool(jobs: list[tuple[RunConfig, dict[str, Any]]], workers: int, log: Path | None,

@@ -167,11 +167,15 @@ def _rec(opt: str, seed: int, *, per_it: float, done: int, loss_at: float | None
                        "iterations": iterations},
             "resolved": {"eval_every": 10}, "diverged": f"iteration {done}: non-finite loss" if diverged else None,
             # the same computation whatever the run's length (same seed): evaluations agree on shared iterations
-            "history": {"cpu_time": [per_it * (i + 1) for i in range(done)]},
+            "history": {"cpu_time": [per_it * (i + 1) for i in range(done)], "nfe_forward": [12] * done,
+                        "nfe_backward": [8] * done},
             "evals": {"train_loss": [2.0 / (1 + i) for i in range(0, done + 1, 10)]},
             "summary": {"iterations_done": done, "train_cpu_time": per_it * done,
                         "cpu_time_to_target_loss": loss_at, "cpu_time_to_target_metric": metric_at,
-                        "iterations_to_target_loss": its(loss_at), "iterations_to_target_metric": its(metric_at)}}
+                        "iterations_to_target_loss": its(loss_at), "iterations_to_target_metric": its(metric_at),
+                        "nfe_to_target_loss": None if loss_at is None else 20 * round(loss_at / per_it),
+                        "nfe_to_target_metric": None if metric_at is None else 20 * round(metric_at / per_it),
+                        "total_nfe": 20 * done}}
 
 
 def test_decide_plan_runs_long_enough_that_a_continued_miss_meets_the_goal(bench: ModuleType) -> None:
@@ -225,9 +229,35 @@ def test_decided_lines_settle_each_seed_from_the_longer_runs(bench: ModuleType) 
     cells = next(ln for ln in bench.decided_lines(runs[:2], slow)[0] if ln.startswith("| sgd")).split(" | ")
     assert cells[2].startswith("0.37 (reached")  # 100 / (300 - 180 + 150)
     # ... unless their evaluations differ: then they were not the same computation, and its own clock stands
+    # (another host's rounding): the table says so, and how fast each host computed.
     other = [{**slow[0], "evals": {"train_loss": [9.0] * 51}}]
-    cells = next(ln for ln in bench.decided_lines(runs[:2], other)[0] if ln.startswith("| sgd")).split(" | ")
-    assert cells[2].startswith("0.33 (reached")  # 100 / 300
+    assert not bench.reproduces(runs[1], other[0]) and bench.reproduces(runs[1], slow[0])
+    table, lines = bench.decided_lines(runs[:2], other)
+    cells = next(ln for ln in table if ln.startswith("| sgd")).split(" | ")
+    # timed at the protocol host's speed: 500 iterations x 20 NFE x (0.5 s / 20 NFE) = 250 s, not its own 300 s
+    assert cells[2] == "0.40 (reached at iteration 500 of a longer run on another trajectory)"  # 100 / 250
+    assert lines == ["- SNOpt ÷ sgd, time to the train-loss target (CPU), settled per seed by longer runs: "
+                     "**met on every seed; ratio of the means 0.40; 1 of 1 by a longer run on another trajectory** "
+                     "(goal ≤ 0.5)"]
+    missed = [{**other[0], "summary": {**other[0]["summary"], "cpu_time_to_target_loss": None,
+                                       "iterations_to_target_loss": None, "nfe_to_target_loss": None}}]
+    cells = next(ln for ln in bench.decided_lines(runs[:2], missed)[0] if ln.startswith("| sgd")).split(" | ")
+    assert cells[2] == "<=0.40 (missed in 500 iterations of a longer run on another trajectory)"  # all 10,000 NFE
+    assert any(ln.startswith("A longer run **on another trajectory** did not repeat the protocol run") for ln in table)
+    # 0.5 s / 20 NFE on the protocol host, 0.6 s / 20 on the longer run's
+    assert any(ln.endswith("protocol host → this longer run's): sgd seed 0 25.000 → 30.000.") for ln in table)
+    assert not any("another trajectory" in ln for ln in bench.decided_lines(runs[:2], slow)[0])
+    # Another trajectory that diverged (or reached the target) within the protocol run's 300 iterations
+    # contradicts it rather than continuing it: the protocol's bound stands.
+    early = [{**other[0], "diverged": "iteration 200: non-finite loss",
+              "summary": {**missed[0]["summary"], "iterations_done": 200}}]
+    cells = next(ln for ln in bench.decided_lines(runs[:2], early)[0] if ln.startswith("| sgd")).split(" | ")
+    assert cells[2] == ("<=0.67 (missed in its 300 iterations; a longer run on another trajectory diverged at "
+                        "iteration 200, inside them: the two disagree, so it settles nothing)")  # 100 / 150
+    late = [{**early[0], "diverged": "iteration 400: non-finite loss",
+             "summary": {**missed[0]["summary"], "iterations_done": 400}}]
+    cells = next(ln for ln in bench.decided_lines(runs[:2], late)[0] if ln.startswith("| sgd")).split(" | ")
+    assert cells[2] == "0.00 (a longer run on another trajectory diverged before reaching it: iteration 400)"
     # a longer run shorter than the plan asks for does not stand for it
     short = [{**e, "config": {**e["config"], "iterations": 400}} for e in longer]
     assert not bench.decided_lines(runs, short)[0]
