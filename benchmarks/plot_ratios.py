@@ -59,13 +59,15 @@ SOURCES = (
 @dataclass(frozen=True)
 class Point:
     """One seed's ratio: ``bound`` is ``"="`` (measured), ``"<="`` or ``">="``; ``diverged``: the other optimizer
-    diverged before the target (ratio 0); ``apart``: settled by a longer run on another trajectory."""
+    diverged before the target (ratio 0); ``apart``: settled by a longer run on another trajectory; ``disputed``:
+    such a run disagreed with the protocol run inside its budget, so the protocol's bound stands."""
 
     seed: int
     ratio: float
     bound: str
     diverged: bool = False
     apart: bool = False
+    disputed: bool = False
 
 
 @dataclass(frozen=True)
@@ -129,7 +131,8 @@ def comparison_rows(runs: list[dict[str, Any]], extended: list[dict[str, Any]], 
                     continue
                 sr = seed_ratio(snopt[sd], o, k, extended, clock)
                 if sr is not None:
-                    points.append(Point(sd, sr.ratio, sr.bound, sr.ratio == 0.0 and sr.times is None, sr.apart))
+                    points.append(Point(sd, sr.ratio, sr.bound, sr.ratio == 0.0 and sr.times is None,
+                                        sr.apart and not sr.disagrees, sr.disagrees))
                     if sr.times is not None:
                         times.append(sr.times)
                 elif o["summary"][key]:  # SNOpt missed it, the other did not: SNOpt's whole run is a lower bound
@@ -211,15 +214,18 @@ def markdown(rows: list[Row]) -> str:
     """The plotted numbers as a table (so the figure can be checked)."""
     def cell(p: Point) -> str:
         return (f"s{p.seed} " + ("0 (diverged)" if p.diverged else f"{'' if p.bound == '=' else p.bound}{p.ratio:.2f}")
-                + ("†" if p.apart else ""))
+                + ("†" if p.apart else "‡" if p.disputed else ""))
     def met(p: Point) -> bool:
         return p.ratio <= TARGET_RATIO and p.bound != ">="
     points = [p for r in rows for p in r.points]
-    apart = sum(p.apart for p in points)
+    apart, disputed = sum(p.apart for p in points), sum(p.disputed for p in points)
     lines = [f"Seed-level comparisons: {len(points)}; the goal ≤ {TARGET_RATIO} is met on {sum(map(met, points))}, "
              f"{sum(p.diverged for p in points)} of them because the other optimizer diverged before the target."
              + (f" † ({apart}): settled by a longer run on another trajectory (another host's rounding; timed in its "
-                "function evaluations at the protocol host's speed, as its results file explains)." if apart else ""),
+                "function evaluations at the protocol host's speed, as its results file explains)." if apart else "")
+             + (f" ‡ ({disputed}): a longer run on another trajectory reached the target or diverged inside the "
+                "protocol run's budget, where the protocol run did not, so the protocol's bound stands."
+                if disputed else ""),
              "",
              "| setting | ÷ | target | clock | per seed | ratio of the means | met |", "|---|---|---|---|---|---|---|"]
     for r in rows:

@@ -592,6 +592,8 @@ class SeedRatio:
         apart: Whether that longer run took another trajectory (it does not `reproduce` the protocol run, so
             it is timed by its own clock throughout and stands for the seed as an independent run).
         run: That longer run, where one decided it.
+        disagrees: That run, on another trajectory, reached the target or diverged within the protocol run's
+            iterations, where the protocol run did not: it settles nothing, and the ratio is the protocol's bound.
     """
 
     ratio: float
@@ -601,6 +603,7 @@ class SeedRatio:
     longer: bool
     apart: bool = False
     run: dict[str, Any] | None = None
+    disagrees: bool = False
 
 
 def seed_ratio(mine: dict[str, Any], other: dict[str, Any], k: str, extended: list[dict[str, Any]],
@@ -650,7 +653,7 @@ def seed_ratio(mine: dict[str, Any], other: dict[str, Any], k: str, extended: li
         what = "reached it" if es[key] is not None else "diverged"
         return SeedRatio(t / o[total], "<=", f"missed in its {o['iterations_done']} iterations; {run_text} {what} "
                          f"at iteration {event}, inside them: the two disagree, so it settles nothing", None, True,
-                         apart, e)
+                         apart, e, True)
     if es[key] is not None:
         theirs = es[f"nfe_to_target_{k}"] * rate if apart else continued_time(other, e, es[key], clock)
         return SeedRatio(t / theirs, "=", f"reached at iteration {es[f'iterations_to_target_{k}']} of {run_text}",
@@ -693,7 +696,7 @@ def decided_lines(runs: list[dict[str, Any]], extended: list[dict[str, Any]],
                        for sd in seeds):
                 continue
             cells, outcomes, longer, times = [], [], False, []  # times: (SNOpt's, the other's) where both reached it
-            apart = 0  # seeds settled by a longer run on another trajectory
+            apart = disagree = 0  # seeds settled by a longer run on another trajectory; seeds where one disagreed
             for sd in seeds:
                 o = theirs.get(sd)
                 sr = None if o is None else seed_ratio(snopt[sd], o, k, extended, clock)
@@ -702,7 +705,8 @@ def decided_lines(runs: list[dict[str, Any]], extended: list[dict[str, Any]],
                     outcomes.append("undetermined")
                     continue
                 longer = longer or sr.longer
-                apart += sr.apart
+                apart += sr.apart and not sr.disagrees
+                disagree += sr.disagrees
                 if sr.apart and o is not None and sr.run is not None:
                     pairs[(other, sd)] = (o, sr.run)
                 if sr.times is not None:
@@ -711,17 +715,22 @@ def decided_lines(runs: list[dict[str, Any]], extended: list[dict[str, Any]],
                 cells.append(f"{'' if sr.bound == '=' else sr.bound}{sr.ratio:.2f} ({sr.how})")
             if not longer:
                 continue
-            n_met = outcomes.count("met")
+            n_met, n_missed = outcomes.count("met"), outcomes.count("missed")
             verdict = ("met on every seed" if n_met == len(outcomes) else
-                       "missed on every seed" if outcomes.count("missed") == len(outcomes) else
+                       "missed on every seed" if n_missed == len(outcomes) else
                        f"met on {n_met} of {len(outcomes)} seeds"
-                       + (f", missed on {outcomes.count('missed')}" if "missed" in outcomes else "")
-                       + (f", undetermined on {outcomes.count('undetermined')}" if "undetermined" in outcomes else ""))
+                       + (f", missed on {n_missed}" if n_missed else "")
+                       + (f", undetermined on {outcomes.count('undetermined')}" if "undetermined" in outcomes else "")
+                       if n_met else
+                       f"missed on {n_missed} of {len(outcomes)} seeds, undetermined on "
+                       f"{outcomes.count('undetermined')}")
             if len(times) == len(seeds):  # every seed a measured ratio: also the tables' ratio of the means
                 verdict += f"; ratio of the means {sum(t[0] for t in times) / sum(t[1] for t in times):.2f}"
             if apart:
                 verdict += f"; {apart} of {len(outcomes)} by a longer run on another trajectory"
-                any_apart = True
+            if disagree:
+                verdict += f"; on {disagree} a longer run on another trajectory disagreed with the protocol run"
+            any_apart = any_apart or bool(apart or disagree)
             rows.append(f"| {other} | {what.removeprefix('time to the ')} | " + " | ".join(cells) + f" | {verdict} |")
             verdict_out.append(f"- SNOpt ÷ {other}, {what} ({name}), settled per seed by longer runs: **{verdict}** "
                                f"(goal ≤ {TARGET_RATIO})")
@@ -750,9 +759,10 @@ def decided_lines(runs: list[dict[str, Any]], extended: list[dict[str, Any]],
              "|---|---|" + "---|" * len(seeds) + "---|", *rows, ""]
     if pairs:
         speeds = [f"{opt} seed {sd} {ms_per_nfe(o, e, clock)}" for (opt, sd), (o, e) in sorted(pairs.items())]
+        hosts = sorted({str(r["machine"].get("platform", "?")) for pair in pairs.values() for r in pair})
         table += [f"Host speed behind the runs on another trajectory ({CLOCKS[clock][3]} ms per function "
                   "evaluation, forward and backward, over the protocol run's iterations; protocol host → this "
-                  "longer run's): " + "; ".join(speeds) + ".", ""]
+                  "longer run's): " + "; ".join(speeds) + f". Hosts: {', '.join(hosts)}.", ""]
     return table, verdict_out
 
 

@@ -230,7 +230,8 @@ def test_decided_lines_settle_each_seed_from_the_longer_runs(bench: ModuleType) 
     assert cells[2].startswith("0.37 (reached")  # 100 / (300 - 180 + 150)
     # ... unless their evaluations differ: then they were not the same computation, and its own clock stands
     # (another host's rounding): the table says so, and how fast each host computed.
-    other = [{**slow[0], "evals": {"train_loss": [9.0] * 51}}]
+    other = [{**slow[0], "evals": {"train_loss": [9.0] * 51}, "machine": {"platform": "host-b"}}]
+    runs[1] = {**runs[1], "machine": {"platform": "host-a"}}
     assert not bench.reproduces(runs[1], other[0]) and bench.reproduces(runs[1], slow[0])
     table, lines = bench.decided_lines(runs[:2], other)
     cells = next(ln for ln in table if ln.startswith("| sgd")).split(" | ")
@@ -245,7 +246,8 @@ def test_decided_lines_settle_each_seed_from_the_longer_runs(bench: ModuleType) 
     assert cells[2] == "<=0.40 (missed in 500 iterations of a longer run on another trajectory)"  # all 10,000 NFE
     assert any(ln.startswith("A longer run **on another trajectory** did not repeat the protocol run") for ln in table)
     # 0.5 s / 20 NFE on the protocol host, 0.6 s / 20 on the longer run's
-    assert any(ln.endswith("protocol host → this longer run's): sgd seed 0 25.000 → 30.000.") for ln in table)
+    assert any(ln.endswith("protocol host → this longer run's): sgd seed 0 25.000 → 30.000. Hosts: host-a, host-b.")
+               for ln in table)
     assert not any("another trajectory" in ln for ln in bench.decided_lines(runs[:2], slow)[0])
     # Another trajectory that diverged (or reached the target) within the protocol run's 300 iterations
     # contradicts it rather than continuing it: the protocol's bound stands.

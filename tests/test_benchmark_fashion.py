@@ -211,3 +211,32 @@ def test_the_benchmark_run_again_with_its_log_reads_the_runs_back(fashion: Modul
     table = [ln for ln in text.splitlines() if ln.startswith("| snopt |")]
     assert table and table == [ln for ln in (first / "fashion_cpu.md").read_text().splitlines()
                                if ln.startswith("| snopt |")]
+
+
+def test_the_committed_longer_runs_on_another_host_are_timed_at_the_protocol_hosts_speed(bench: ModuleType) -> None:
+    # The --decide runs of fashion_cpu_runs.jsonl.gz ran on another host: they do not repeat the protocol runs,
+    # so each is timed by its own function evaluations at its protocol run's CPU cost per evaluation, and the
+    # two that diverged (and the one that reached the loss target) inside the protocol's 1000 iterations settle
+    # nothing.
+    from snopt.experiments._runner import summarize
+
+    logged = bench.read_log(ROOT / "benchmarks" / "results" / "fashion_cpu_runs.jsonl.gz")
+    runs, _, extended = bench.runs_from_log(logged)
+    runs = [{**r, "summary": summarize(r)} for r in runs if not r.get("extra")]
+    by = {(r["config"]["optimizer"], r["config"]["seed"]): r for r in runs}
+    longer = {(e["config"]["optimizer"], e["config"]["seed"]): e for e in extended}
+    assert set(longer) == {("adam", 0), ("sgd", 0), ("sgd", 1), ("sgd", 2)}
+    assert not any(bench.reproduces(by[key], e) for key, e in longer.items())
+    for seed in (0, 1):
+        protocol, e = by[("sgd", seed)], longer[("sgd", seed)]["summary"]
+        h = protocol["history"]
+        per_nfe = h["cpu_time"][-1] / (sum(h["nfe_forward"]) + sum(h["nfe_backward"]))
+        expected = by[("snopt", seed)]["summary"]["cpu_time_to_target_metric"] / (e["nfe_to_target_metric"] * per_nfe)
+        sr = bench.seed_ratio(by[("snopt", seed)], protocol, "metric", extended)
+        assert sr.apart and not sr.disagrees and sr.bound == "=" and sr.ratio == pytest.approx(expected)
+        # its own clock, on the slower host, would have given a smaller ratio
+        assert sr.ratio > by[("snopt", seed)]["summary"]["cpu_time_to_target_metric"] / e["cpu_time_to_target_metric"]
+    for key, k in ((("adam", 0), "loss"), (("sgd", 2), "metric"), (("sgd", 1), "loss")):
+        sr = bench.seed_ratio(by[("snopt", key[1])], by[key], k, extended)
+        assert sr.disagrees and sr.bound == "<=" and sr.ratio == pytest.approx(
+            by[("snopt", key[1])]["summary"][f"cpu_time_to_target_{k}"] / by[key]["summary"]["train_cpu_time"])
