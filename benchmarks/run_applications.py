@@ -589,8 +589,9 @@ class SeedRatio:
         how: What settled it, in words (a cell of the "Settled by longer runs" table).
         times: ``(SNOpt's time, the other's)`` where both reached the target, else None.
         longer: Whether a longer run (`decide_plan`) decided it.
-        apart: Whether that longer run took another trajectory (it does not `reproduce` the protocol run, so
-            it is timed by its own clock throughout and stands for the seed as an independent run).
+        apart: Whether that longer run took another trajectory (it does not `reproduce` the protocol run: it
+            stands for the seed as an independent run, timed by its function evaluations at the protocol run's
+            cost per evaluation).
         run: That longer run, where one decided it.
         disagrees: That run, on another trajectory, reached the target or diverged within the protocol run's
             iterations, where the protocol run did not: it settles nothing, and the ratio is the protocol's bound.
@@ -1058,8 +1059,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--raw", type=Path, default=None, help="also keep every run's JSON record here")
     p.add_argument("--log", type=Path, default=None, help="append each finished run to this JSON-lines file")
     p.add_argument("--checkpoint-dir", type=Path, default=None, metavar="DIR",
-                   help="checkpoint every run in DIR; the same command run again continues the interrupted runs "
-                        "(and, with the same --log, reuses the logged ones)")
+                   help="checkpoint every run in DIR and keep the finished ones there (the --decide runs: in "
+                        "--log); the same command run again reads those back and continues the interrupted runs")
     p.add_argument("--from-log", type=Path, default=None,
                    help="write the tables and plots from this --log file (or its .gz); no training")
     p.add_argument("--decide", action="store_true",
