@@ -86,6 +86,20 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_trajectory(
     assert resumed["summary"]["final_test_metric"] == reference["summary"]["final_test_metric"]
 
 
+def test_newton_cg_resumes_with_its_outer_adam(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # NewtonCG on the ODE block and Adam on the rest: both optimizers' states go through the checkpoint.
+    cfg = RunConfig(task="digits", optimizer="newton-cg", iterations=4, batch_size=32, eval_every=2, options=DIGITS)
+    reference = train(cfg)
+    ckpt = tmp_path / "run.ckpt"
+    _interrupt_at(monkeypatch, ImageTask, 4)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, checkpoint=ckpt)
+    _interrupt_at(monkeypatch, ImageTask, None)
+    resumed = train(cfg, checkpoint=ckpt)
+    assert resumed["resumed_at"] == [2]
+    _same_trajectory(resumed, reference)
+
+
 def test_a_run_interrupted_twice_lists_both_resumptions(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = RunConfig(task="digits", optimizer="adam", iterations=9, batch_size=32, eval_every=3, options=DIGITS)
     reference = train(cfg)
