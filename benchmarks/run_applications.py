@@ -45,6 +45,7 @@ import json
 import math
 import os
 import platform
+import re
 import statistics
 import sys
 import threading
@@ -607,6 +608,13 @@ class SeedRatio:
     disagrees: bool = False
 
 
+def diverged_at(run_: dict[str, Any]) -> int:
+    """The iteration in which `run_` diverged (its ``diverged`` message names it: "iteration N: ..." or
+    "evaluation after iteration N: ..."; else the one after its last recorded iteration)."""
+    found = re.search(r"iteration (\d+)", str(run_["diverged"]))
+    return int(found.group(1)) if found else int(run_["summary"]["iterations_done"]) + 1
+
+
 def seed_ratio(mine: dict[str, Any], other: dict[str, Any], k: str, extended: list[dict[str, Any]],
                clock: str = "cpu") -> SeedRatio | None:
     """SNOpt's time to target `k` ÷ the other optimizer's on one seed, settled by a longer run where there is one.
@@ -647,7 +655,7 @@ def seed_ratio(mine: dict[str, Any], other: dict[str, Any], k: str, extended: li
     apart = not reproduces(other, e)
     run_text = "a longer run" + (" on another trajectory" if apart else "")
     rate = clock_per_nfe(other, clock)  # another trajectory: its evaluations at the protocol host's speed
-    event = es[f"iterations_to_target_{k}"] if es[key] is not None else es["iterations_done"] if e["diverged"] else None
+    event = es[f"iterations_to_target_{k}"] if es[key] is not None else diverged_at(e) if e["diverged"] else None
     if apart and event is not None and event <= o["iterations_done"]:
         # The protocol run is the seed's record over its budget: another trajectory that reached the target or
         # diverged inside it contradicts that record instead of continuing it.

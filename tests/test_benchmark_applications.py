@@ -256,6 +256,11 @@ def test_decided_lines_settle_each_seed_from_the_longer_runs(bench: ModuleType) 
     cells = next(ln for ln in bench.decided_lines(runs[:2], early)[0] if ln.startswith("| sgd")).split(" | ")
     assert cells[2] == ("<=0.67 (missed in its 300 iterations; a longer run on another trajectory diverged at "
                         "iteration 200, inside them: the two disagree, so it settles nothing)")  # 100 / 150
+    # the iteration a run diverged in is the one its message names (a failed solve leaves it unrecorded)
+    assert bench.diverged_at({"diverged": "iteration 201: The forward ODE solve failed", "summary": {
+        "iterations_done": 200}}) == 201
+    assert bench.diverged_at({"diverged": "evaluation after iteration 40: failed", "summary": {}}) == 40
+    assert bench.diverged_at({"diverged": "stiff", "summary": {"iterations_done": 7}}) == 8
     late = [{**early[0], "diverged": "iteration 400: non-finite loss",
              "summary": {**missed[0]["summary"], "iterations_done": 400}}]
     cells = next(ln for ln in bench.decided_lines(runs[:2], late)[0] if ln.startswith("| sgd")).split(" | ")
