@@ -654,7 +654,7 @@ def seed_ratio(mine: dict[str, Any], other: dict[str, Any], k: str, extended: li
     es = e["summary"]
     apart = not reproduces(other, e)
     run_text = "a longer run" + (" on another trajectory" if apart else "")
-    rate = clock_per_nfe(other, clock)  # another trajectory: its evaluations at the protocol host's speed
+    rate = clock_per_nfe(other, clock) if apart else 0.0  # another trajectory: its NFE at the protocol host's speed
     event = es[f"iterations_to_target_{k}"] if es[key] is not None else diverged_at(e) if e["diverged"] else None
     if apart and event is not None and event <= o["iterations_done"]:
         # The protocol run is the seed's record over its budget: another trajectory that reached the target or
@@ -816,12 +816,12 @@ def run_pool(jobs: list[tuple[RunConfig, dict[str, Any]]], workers: int, log: Pa
         The records, in the order of `jobs`.
     """
     write, lock = (None if log is None else append_run(log)), threading.Lock()
-    logged = read_log(log) if log is not None and log.exists() else []
+    logged = [(config_key(RunConfig.from_dict(r["config"])), r)
+              for r in (read_log(log) if log is not None and log.exists() else [])]
 
     def earlier(cfg: RunConfig, marks: dict[str, Any]) -> dict[str, Any] | None:
         key = config_key(cfg)
-        return next((r for r in logged if all(r.get(k) == v for k, v in marks.items())
-                     and config_key(RunConfig.from_dict(r["config"])) == key), None)
+        return next((r for k_r, r in logged if k_r == key and all(r.get(k) == v for k, v in marks.items())), None)
 
     def one(job: tuple[RunConfig, dict[str, Any]]) -> dict[str, Any]:
         cfg, marks = job

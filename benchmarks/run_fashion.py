@@ -264,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         jobs.sort(key=lambda j: j[0].seed)  # seed-major: an interrupted benchmark still leaves whole seeds
         jobs = [(replace(c, device=args.device, iterations=args.iterations or c.iterations), x) for c, x in jobs]
         source = None
-        prior = args.log is not None and args.log.exists() and bool(read_log(args.log))
+        prior = args.log is not None and args.log.exists() and args.log.stat().st_size > 0  # runs logged before
         runs = run_pool([(cfg, {"extra": is_extra, "jobs": args.jobs}) for cfg, is_extra in jobs], args.jobs,
                         args.log, run_one=run, checkpoint_dir=args.checkpoint_dir)
         seeds, elapsed, left_out, extended = args.seeds, time.perf_counter() - start, [], []

@@ -234,10 +234,14 @@ def config_key(cfg: RunConfig) -> str:
     return json.dumps(cfg.to_dict(), sort_keys=True)
 
 
-def _config_diff(saved: str, cfg: RunConfig) -> str:
+def _check_same_run(saved: str, cfg: RunConfig, subject: str, remedy: str) -> None:
+    """Raise ValueError naming the fields that differ unless `saved` (a `config_key`) is `cfg`'s."""
+    if saved == config_key(cfg):
+        return
     old, new = json.loads(saved), json.loads(config_key(cfg))
     keys = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
-    return ", ".join(f"{k} {old.get(k)!r} there vs {new.get(k)!r} here" for k in keys)
+    diff = ", ".join(f"{k} {old.get(k)!r} there vs {new.get(k)!r} here" for k in keys)
+    raise ValueError(f"{subject} of another run ({diff}); {remedy}")
 
 
 def save_atomic(path: Path, write: Callable[[Path], object]) -> None:
@@ -299,9 +303,7 @@ def _load_checkpoint(path: Path, cfg: RunConfig) -> dict[str, Any]:
     if state.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"The checkpoint {path} has format {state.get('format')!r}, not {CHECKPOINT_FORMAT}; "
                          "remove it to start the run afresh.")
-    if state["config"] != config_key(cfg):
-        raise ValueError(f"The checkpoint {path} is of another run ({_config_diff(state['config'], cfg)}); "
-                         "remove it or checkpoint elsewhere.")
+    _check_same_run(state["config"], cfg, f"The checkpoint {path} is", "remove it or checkpoint elsewhere.")
     return state
 
 
@@ -592,10 +594,8 @@ def _run_or_resume(cfg: RunConfig, ckpt_dir: Path | None, *, quiet: bool, isolat
     done, ckpt = ckpt_dir / f"{name}.json", ckpt_dir / f"{name}.ckpt"
     if done.exists():
         r: dict[str, Any] = json.loads(done.read_text())
-        key = config_key(RunConfig.from_dict(r["config"]))
-        if key != config_key(cfg):
-            raise ValueError(f"{done} is the record of another run ({_config_diff(key, cfg)}); remove it or "
-                             "choose another checkpoint folder.")
+        _check_same_run(config_key(RunConfig.from_dict(r["config"])), cfg, f"{done} is the record",
+                        "remove it or choose another checkpoint folder.")
         if echo:
             echo(f"[{name}] finished earlier: read back from {done}")
         return r, False
