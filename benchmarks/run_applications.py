@@ -795,7 +795,7 @@ def ms_per_nfe(run_: dict[str, Any], longer: dict[str, Any], clock: str = "cpu")
 
 def run_pool(jobs: list[tuple[RunConfig, dict[str, Any]]], workers: int, log: Path | None,
              run_one: Callable[..., dict[str, Any]] | None = None,
-             checkpoint_dir: Path | None = None) -> list[dict[str, Any]]:
+             checkpoint_dir: Path | None = None, stop_at_targets: bool = False) -> list[dict[str, Any]]:
     """Run each configuration in a fresh process, `workers` at a time, in order.
 
     Each record gets its job's marks (e.g. ``{"extended": True}``), is summed up in one printed line and is
@@ -811,6 +811,7 @@ def run_pool(jobs: list[tuple[RunConfig, dict[str, Any]]], workers: int, log: Pa
         run_one: What trains one configuration (default: `run`; a caller passes its own module's, which tests
             replace).
         checkpoint_dir: Where runs checkpoint (None: nowhere).
+        stop_at_targets: End each run once it has reached both targets (`train`).
 
     Returns:
         The records, in the order of `jobs`.
@@ -833,7 +834,9 @@ def run_pool(jobs: list[tuple[RunConfig, dict[str, Any]]], workers: int, log: Pa
         ckpt = None if checkpoint_dir is None else checkpoint_dir / (
             f"{run_name(cfg)}-{hashlib.sha1(config_key(cfg).encode()).hexdigest()[:10]}.ckpt")
         train_one = run_one or run
-        r = train_one(cfg, isolate=True) if ckpt is None else train_one(cfg, isolate=True, checkpoint=ckpt)
+        how: dict[str, Any] = {"isolate": True} | ({} if ckpt is None else {"checkpoint": ckpt}) \
+            | ({"stop_at_targets": True} if stop_at_targets else {})
+        r = train_one(cfg, **how)
         r.update(marks)
         s = r["summary"]
         final = s["final_test_metric"]
@@ -857,11 +860,12 @@ def run_longer(plan: list[RunConfig], have: list[dict[str, Any]], jobs: int, log
                checkpoint_dir: Path | None = None) -> list[dict[str, Any]]:
     """Run the configurations of `plan` that `have` holds no run for (`jobs` at a time, each in a fresh process,
     by `run_one` and checkpointed as in `run_pool`), marked ``extended`` and appended to `log`; returns the new
-    runs."""
+    runs. Each stops at the first evaluation that shows both targets reached: the planned iterations are what
+    missing them would take to settle the verdict, and a run that reached them has settled it."""
     todo = [c for c in plan if planned_run(c, have) is None]
     print(f"--decide: {len(todo)} longer run(s): " + ", ".join(f"{c.optimizer} seed {c.seed} to {c.iterations} "
                                                              f"iterations" for c in todo), flush=True)
-    return run_pool([(c, {"extended": True}) for c in todo], jobs, log, run_one, checkpoint_dir)
+    return run_pool([(c, {"extended": True}) for c in todo], jobs, log, run_one, checkpoint_dir, stop_at_targets=True)
 
 
 def overhead_lines(result: dict[str, Any]) -> list[str]:

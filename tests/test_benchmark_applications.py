@@ -279,9 +279,12 @@ def test_decide_reruns_the_undetermined_seeds_longer_and_the_log_rewrites_the_ta
     committed = tmp_path / "protocol.jsonl"  # the protocol runs alone, as the benchmark first logged them
     committed.write_text("".join(json.dumps(r) + "\n" for r in protocol))
     asked: list[RunConfig] = []
+    stops: list[bool] = []
 
-    def longer(cfg: RunConfig, quiet: bool = True, isolate: bool = False) -> dict[str, Any]:
+    def longer(cfg: RunConfig, quiet: bool = True, isolate: bool = False,
+               stop_at_targets: bool = False) -> dict[str, Any]:
         asked.append(cfg)
+        stops.append(stop_at_targets)
         t = next(r for r in protocol if (r["config"]["optimizer"], r["config"]["seed"]) == (cfg.optimizer, cfg.seed))
         return continue_run(t, cfg.iterations)
 
@@ -292,6 +295,7 @@ def test_decide_reruns_the_undetermined_seeds_longer_and_the_log_rewrites_the_ta
     plan = bench.decide_plan([{**r, "summary": runner.summarize(r)} for r in protocol])
     assert plan and [(c.optimizer, c.seed, c.iterations) for c in asked] == [
         (c.optimizer, c.seed, c.iterations) for c in plan]
+    assert stops == [True] * len(plan)  # a longer run ends once it has reached both targets
     new = bench.read_log(log)
     assert len(new) == len(plan) and all(r["extended"] for r in new)
     text = (out / "applications_paper_cpu.md").read_text()

@@ -156,7 +156,8 @@ def test_decide_settles_the_committed_verdicts_on_the_runs_clock(
     protocol = [r for r in fashion.read_log(ROOT / "benchmarks" / "results" / log_name) if not r.get("extended")]
     asked: list[RunConfig] = []
 
-    def longer(cfg: RunConfig, isolate: bool = False) -> dict[str, Any]:
+    def longer(cfg: RunConfig, isolate: bool = False, stop_at_targets: bool = False) -> dict[str, Any]:
+        assert stop_at_targets  # each longer run ends once it has reached both targets
         asked.append(cfg)
         t = next(r for r in protocol if (r["config"]["optimizer"], r["config"]["seed"], bool(r.get("extra")))
                  == (cfg.optimizer, cfg.seed, False))

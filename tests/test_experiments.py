@@ -26,7 +26,7 @@ from snopt.experiments._runner import (
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 RUN_KEYS = {"config", "resolved", "machine", "task", "history", "evals", "memory", "diverged", "resumed_at",
-            "summary"}
+            "stopped_at_targets", "summary"}
 SUMMARY_KEYS = {"final_test_metric", "final_train_loss", "time_to_target_loss", "time_to_target_metric",
                 "mean_step_time", "mean_nfe_forward", "mean_nfe_backward", "peak_rss_mib", "peak_cuda_mib"}
 
@@ -513,3 +513,32 @@ def test_missing_image_data_is_named_not_a_child_traceback(tmp_path: Path, monke
 def test_a_failing_child_run_reports_its_own_error() -> None:
     with pytest.raises(RuntimeError, match=r"failed in its child process: \w+Error: .*\n\nThe child's traceback"):
         run(RunConfig(task="digits", optimizer="adam", iterations=1, options={"hidden": 0}), isolate=True)
+
+
+def test_a_run_told_to_stop_at_its_targets_ends_at_the_evaluation_that_shows_both() -> None:
+    # One thread in both processes (the child's default may differ from pytest's): the same arithmetic.
+    base = RunConfig(task="digits", optimizer="adam", iterations=12, batch_size=32, eval_every=3, threads=1,
+                     options={"hidden": 4, "eval_train": 50})
+    full = train(base)
+    ev = full["evals"]
+    assert ev["iteration"][2] == 6
+    # Targets that the full run's iteration-6 evaluation meets: the run must end there or sooner.
+    cfg = replace(base, target_loss=ev["train_loss"][2], target_metric=ev["test_metric"][2])
+    _, at_loss = time_to(ev, "train_loss", cfg.target_loss, lower=True)
+    _, at_metric = time_to(ev, "test_metric", cfg.target_metric, lower=False)
+    assert at_loss is not None and at_metric is not None
+    expected = max(at_loss, at_metric)
+    stopped = run(cfg, isolate=True, stop_at_targets=True)  # the flag reaches the child process too
+    assert stopped["stopped_at_targets"] == expected and full["stopped_at_targets"] is None
+    assert stopped["history"]["iteration"] == list(range(1, expected + 1))
+    for key in ("loss", "nfe_forward", "nfe_backward"):  # the same iterations as the full run's, no more
+        assert stopped["history"][key] == full["history"][key][:expected]
+    assert stopped["evals"]["train_loss"] == ev["train_loss"][:len(stopped["evals"]["train_loss"])]
+    assert stopped["evals"]["iteration"][-1] == expected
+    whole = train(cfg)  # the same targets, all 12 iterations: the same times to them
+    for k in ("iterations_to_target_loss", "iterations_to_target_metric", "nfe_to_target_loss",
+              "nfe_to_target_metric"):
+        assert stopped["summary"][k] is not None and stopped["summary"][k] == whole["summary"][k], k
+    # A target it never reaches: the run trains all its iterations.
+    never = train(replace(cfg, target_loss=1e-9), stop_at_targets=True)
+    assert never["stopped_at_targets"] is None and never["summary"]["iterations_done"] == 12

@@ -257,7 +257,7 @@ def save_atomic(path: Path, write: Callable[[Path], object]) -> None:
 
 
 def train(cfg: RunConfig, *, quiet: bool = True, checkpoint: str | Path | None = None,
-          checkpoint_every: int | None = None) -> dict[str, Any]:
+          checkpoint_every: int | None = None, stop_at_targets: bool = False) -> dict[str, Any]:
     """Train one configuration and return its record (JSON-serialisable).
 
     With `checkpoint`, the run saves everything its next iterations depend on (model, optimizer
@@ -269,15 +269,21 @@ def train(cfg: RunConfig, *, quiet: bool = True, checkpoint: str | Path | None =
     last process's, and ``resumed_at`` lists the iterations it continued from. The file is left
     in place when the run ends (`compare` removes it once the record is written).
 
+    With `stop_at_targets`, the run ends at the first evaluation that shows both the loss and the
+    metric target reached (``stopped_at_targets`` in the record names that iteration; None when it
+    trained all its iterations): what a run needs to settle a time-to-target, and no more. Its
+    iterations up to there are the full run's.
+
     Args:
         cfg: The run configuration.
         quiet: No progress bar.
         checkpoint: The checkpoint file (None: no checkpoints).
         checkpoint_every: Iterations between checkpoints (None: at every evaluation).
+        stop_at_targets: End the run once an evaluation shows both targets reached.
 
     Returns:
         ``{"config", "resolved", "machine", "task", "history", "evals", "memory", "diverged",
-        "resumed_at", "summary"}``; see `summarize` for the summary's keys.
+        "resumed_at", "stopped_at_targets", "summary"}``; see `summarize` for the summary's keys.
 
     Raises:
         ValueError: If `checkpoint` holds another configuration's run, or `checkpoint_every` < 1.
@@ -289,7 +295,7 @@ def train(cfg: RunConfig, *, quiet: bool = True, checkpoint: str | Path | None =
         torch.set_num_threads(cfg.threads)
     try:
         return _train(cfg, quiet=quiet, checkpoint=None if checkpoint is None else Path(checkpoint),
-                      checkpoint_every=checkpoint_every)
+                      checkpoint_every=checkpoint_every, stop_at_targets=stop_at_targets)
     finally:
         torch.set_num_threads(threads)
 
@@ -307,7 +313,8 @@ def _load_checkpoint(path: Path, cfg: RunConfig) -> dict[str, Any]:
     return state
 
 
-def _train(cfg: RunConfig, *, quiet: bool, checkpoint: Path | None, checkpoint_every: int | None) -> dict[str, Any]:
+def _train(cfg: RunConfig, *, quiet: bool, checkpoint: Path | None, checkpoint_every: int | None,
+           stop_at_targets: bool) -> dict[str, Any]:
     device = resolve_device(cfg.device)
     defaults = task_defaults(cfg)
     res = resolve(cfg, defaults)
@@ -344,6 +351,7 @@ def _train(cfg: RunConfig, *, quiet: bool, checkpoint: Path | None, checkpoint_e
 
     wall = cpu = 0.0
     diverged: str | None = None
+    stopped: int | None = None
     resumed: list[int] = []
     first = 1
     if saved is None:
@@ -402,6 +410,9 @@ def _train(cfg: RunConfig, *, quiet: bool, checkpoint: Path | None, checkpoint_e
                 except SolverError as exc:  # the trained field can no longer be solved: diverged
                     diverged = f"evaluation after iteration {it}: {exc}"
                     break
+                if stop_at_targets and it < res.iterations and _targets_reached(evals, res, task.higher_is_better):
+                    stopped = it
+                    break
             if checkpoint is not None and it % every == 0 and it < res.iterations:
                 save(it)
             bar.update(1)
@@ -427,9 +438,16 @@ def _train(cfg: RunConfig, *, quiet: bool, checkpoint: Path | None, checkpoint_e
                                      if device.type == "cuda" else None)},
         "diverged": diverged,
         "resumed_at": resumed,
+        "stopped_at_targets": stopped,
     }
     result["summary"] = summarize(result)
     return result
+
+
+def _targets_reached(evals: dict[str, list[Any]], res: Resolved, higher_is_better: bool) -> bool:
+    """Whether the evaluations so far show both the loss and the metric target reached."""
+    return (time_to(evals, "train_loss", res.target_loss, lower=True)[1] is not None
+            and time_to(evals, "test_metric", res.target_metric, lower=not higher_is_better)[1] is not None)
 
 
 def time_to(evals: dict[str, list[Any]], key: str, target: float, *, lower: bool,
@@ -524,10 +542,10 @@ def summarize(result: dict[str, Any], *, target_metric: float | None = None) -> 
 
 
 def _child(cfg_dict: dict[str, Any], path: str, quiet: bool, checkpoint: str | None,
-           checkpoint_every: int | None) -> None:
+           checkpoint_every: int | None, stop_at_targets: bool) -> None:
     try:
         result = train(RunConfig.from_dict(cfg_dict), quiet=quiet, checkpoint=checkpoint,
-                       checkpoint_every=checkpoint_every)
+                       checkpoint_every=checkpoint_every, stop_at_targets=stop_at_targets)
     except Exception as exc:  # reported by the parent (`run`), which knows the run
         Path(path + ".error").write_text(json.dumps({"type": type(exc).__name__, "message": str(exc),
                                                      "traceback": traceback.format_exc()}))
@@ -536,7 +554,7 @@ def _child(cfg_dict: dict[str, Any], path: str, quiet: bool, checkpoint: str | N
 
 
 def run(cfg: RunConfig, *, quiet: bool = True, isolate: bool = False, checkpoint: str | Path | None = None,
-        checkpoint_every: int | None = None) -> dict[str, Any]:
+        checkpoint_every: int | None = None, stop_at_targets: bool = False) -> dict[str, Any]:
     """Train `cfg`, optionally in a fresh process (so ``ru_maxrss`` is this run's own peak).
 
     Args:
@@ -545,6 +563,7 @@ def run(cfg: RunConfig, *, quiet: bool = True, isolate: bool = False, checkpoint
         isolate: Run in a spawned child process.
         checkpoint: Checkpoint file of the run (see `train`).
         checkpoint_every: Iterations between checkpoints (None: at every evaluation).
+        stop_at_targets: End the run once both targets are reached (see `train`).
 
     Returns:
         The record of `train`.
@@ -555,12 +574,14 @@ def run(cfg: RunConfig, *, quiet: bool = True, isolate: bool = False, checkpoint
         RuntimeError: If the child process fails otherwise (with the child's error and traceback).
     """
     if not isolate:
-        return train(cfg, quiet=quiet, checkpoint=checkpoint, checkpoint_every=checkpoint_every)
+        return train(cfg, quiet=quiet, checkpoint=checkpoint, checkpoint_every=checkpoint_every,
+                     stop_at_targets=stop_at_targets)
     ctx = multiprocessing.get_context("spawn")
     with tempfile.TemporaryDirectory() as tmp:
         path = str(Path(tmp) / "result.json")
         proc = ctx.Process(target=_child, args=(cfg.to_dict(), path, quiet,
-                                                  None if checkpoint is None else str(checkpoint), checkpoint_every))
+                                                  None if checkpoint is None else str(checkpoint), checkpoint_every,
+                                                  stop_at_targets))
         proc.start()
         proc.join()
         error = Path(path + ".error")
