@@ -1,5 +1,7 @@
 """CPU/GPU agreement: the same problem on CUDA and on the CPU gives the same derivatives (skipped without CUDA)."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -117,3 +119,53 @@ def test_experiment_runner_trains_alike_on_cpu_and_gpu() -> None:
     assert abs(float(gpu[0] - cpu[0])) < 1e-5, float(gpu[0] - cpu[0])
     gap = float((gpu - cpu).abs().max())
     assert gap < 1e-4, gap
+
+
+@cuda
+@pytest.mark.parametrize("case", ["cnf-wine-snopt", "digits-snopt-mc"])
+def test_an_interrupted_cuda_run_resumes_to_the_uninterrupted_trajectory(
+        case: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An interrupted GPU run resumes to the uninterrupted one, bit for bit.
+
+    The CUDA random stream (the wine CNF's Hutchinson noise is drawn on the device) and device
+    tensors go through the checkpoint file.
+
+    cuDNN is asked for deterministic kernels (the digits model's convolutions); the test first checks
+    that two uninterrupted runs agree, so a difference afterwards is the checkpoint's.
+    """
+    from snopt.experiments import RunConfig, train
+    from snopt.experiments._cnf import CNFTask
+    from snopt.experiments._common import Task
+    from snopt.experiments._digits import ImageTask
+
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    cfg, cls = {
+        "cnf-wine-snopt": (RunConfig(task="cnf", dataset="wine", optimizer="snopt", iterations=12, batch_size=32,
+                                     eval_every=4, snopt_freq=5, device="cuda", options={"hidden": 8}), CNFTask),
+        "digits-snopt-mc": (RunConfig(task="digits", optimizer="snopt", iterations=12, batch_size=32, eval_every=4,
+                                      snopt_freq=3, snopt_fisher="mc", device="cuda",
+                                      options={"hidden": 4, "eval_train": 50}), ImageTask),
+    }[case]
+    reference, again = train(cfg), train(cfg)
+    assert reference["history"]["loss"] == again["history"]["loss"]  # deterministic on this card
+    drawn = [0]
+    batch = cls.batch
+
+    def counted(self: Task, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
+        drawn[0] += 1
+        if drawn[0] == 7:  # after the checkpoint at iteration 4
+            raise KeyboardInterrupt
+        return batch(self, generator)
+
+    monkeypatch.setattr(cls, "batch", counted)
+    ckpt = tmp_path / "run.ckpt"
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, checkpoint=ckpt)
+    torch.randn(1000, device="cuda")  # move the CUDA stream on, as another process's history would
+    drawn[0] = -1000
+    resumed = train(cfg, checkpoint=ckpt)
+    assert resumed["resumed_at"] == [4] and drawn[0] == -1000 + 8
+    for key in ("loss", "nfe_forward", "nfe_backward"):
+        assert resumed["history"][key] == reference["history"][key], key
+    assert resumed["evals"]["test_metric"] == reference["evals"]["test_metric"]
