@@ -221,8 +221,9 @@ def markdown(rows: list[Row]) -> str:
     apart, disputed = sum(p.apart for p in points), sum(p.disputed for p in points)
     lines = [f"Seed-level comparisons: {len(points)}; the goal ≤ {TARGET_RATIO} is met on {sum(map(met, points))}, "
              f"{sum(p.diverged for p in points)} of them because the other optimizer diverged before the target."
-             + (f" † ({apart}): settled by a longer run on another trajectory (another host's rounding; timed in its "
-                "function evaluations at the protocol host's speed, as its results file explains)." if apart else "")
+             + (f" † ({apart}): settled by a longer run on another trajectory (another host's rounding, or a GPU's "
+                "kernels that do not repeat bit for bit; timed in its function evaluations at the protocol run's "
+                "speed, as its results file explains)." if apart else "")
              + (f" ‡ ({disputed}): a longer run on another trajectory reached the target or diverged inside the "
                 "protocol run's budget, where the protocol run did not, so the protocol's bound stands."
                 if disputed else ""),

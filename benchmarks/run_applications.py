@@ -754,10 +754,13 @@ def decided_lines(runs: list[dict[str, Any]], extended: list[dict[str, Any]],
              "machine's speed drifts between processes); a run that diverged before the target never "
              "reaches it (ratio 0). These runs only settle the verdicts: the tables above and the final metrics "
              f"stay at the protocol's budget. SNOpt's {CLOCKS[clock][3]} time to the target ÷ the other's, per seed:",
-             *(["", "A longer run **on another trajectory** did not repeat the protocol run: it ran on another host, "
-                "whose CPU kernels round differently, and its evaluations part from the protocol run's from the "
-                "first on. It is an independent run of the same initialisation and batch order, and it stands for "
-                "the seed. The hosts compute at different speeds (the line under the table), so its time is its "
+             *(["", "A longer run **on another trajectory** did not repeat the protocol run: its evaluations part "
+                "from the protocol run's from the first on, because it ran on another host, whose CPU kernels round "
+                "differently, or on a GPU, whose kernels do not promise bitwise-repeatable results from one process "
+                "to the next (PyTorch's reproducibility notes name cuDNN's convolutions). It is an independent run "
+                "of the same initialisation and batch order, and it stands for the seed. The two processes computed "
+                "at different speeds (the line under the table: another host, or fewer runs sharing the machine), "
+                "so its time is its "
                 "function evaluations to the target (all of them where it missed) at the protocol run's "
                 f"{CLOCKS[clock][3]} cost per evaluation: both sides of the ratio are then on the protocol host's "
                 "clock, as SNOpt's time is its protocol run's. It only speaks for the iterations after the "
@@ -769,9 +772,9 @@ def decided_lines(runs: list[dict[str, Any]], extended: list[dict[str, Any]],
     if pairs:
         speeds = [f"{opt} seed {sd} {ms_per_nfe(o, e, clock)}" for (opt, sd), (o, e) in sorted(pairs.items())]
         hosts = sorted({str(r["machine"].get("platform", "?")) for pair in pairs.values() for r in pair})
-        table += [f"Host speed behind the runs on another trajectory ({CLOCKS[clock][3]} ms per function "
-                  "evaluation, forward and backward, over the protocol run's iterations; protocol host → this "
-                  "longer run's): " + "; ".join(speeds) + f". Hosts: {', '.join(hosts)}.", ""]
+        table += [f"Speed behind the runs on another trajectory ({CLOCKS[clock][3]} ms per function "
+                  "evaluation, forward and backward, over the protocol run's iterations; protocol run → this "
+                  "longer run): " + "; ".join(speeds) + f". Hosts: {', '.join(hosts)}.", ""]
     return table, verdict_out
 
 

@@ -246,7 +246,7 @@ def test_decided_lines_settle_each_seed_from_the_longer_runs(bench: ModuleType) 
     assert cells[2] == "<=0.40 (missed in 500 iterations of a longer run on another trajectory)"  # all 10,000 NFE
     assert any(ln.startswith("A longer run **on another trajectory** did not repeat the protocol run") for ln in table)
     # 0.5 s / 20 NFE on the protocol host, 0.6 s / 20 on the longer run's
-    assert any(ln.endswith("protocol host → this longer run's): sgd seed 0 25.000 → 30.000. Hosts: host-a, host-b.")
+    assert any(ln.endswith("protocol run → this longer run): sgd seed 0 25.000 → 30.000. Hosts: host-a, host-b.")
                for ln in table)
     assert not any("another trajectory" in ln for ln in bench.decided_lines(runs[:2], slow)[0])
     # Another trajectory that diverged (or reached the target) within the protocol run's 300 iterations
