@@ -837,8 +837,11 @@ def run_pool(jobs: list[tuple[RunConfig, dict[str, Any]]], workers: int, log: Pa
         ckpt = None if checkpoint_dir is None else checkpoint_dir / (
             f"{run_name(cfg)}-{hashlib.sha1(config_key(cfg).encode()).hexdigest()[:10]}.ckpt")
         train_one = run_one or run
-        how: dict[str, Any] = {"isolate": True} | ({} if ckpt is None else {"checkpoint": ckpt}) \
-            | ({"stop_at_targets": True} if stop_at_targets else {})
+        how: dict[str, Any] = {"isolate": True}  # only the options in use: callers' `run_one` may take no others
+        if ckpt is not None:
+            how["checkpoint"] = ckpt
+        if stop_at_targets:
+            how["stop_at_targets"] = True
         r = train_one(cfg, **how)
         r.update(marks)
         s = r["summary"]
