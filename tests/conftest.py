@@ -37,6 +37,12 @@ def fashion(bench: ModuleType) -> ModuleType:
 
 
 @pytest.fixture(scope="module")
+def tabular(bench: ModuleType) -> ModuleType:
+    """benchmarks/run_cnf_tabular.py as a module (after `bench`, which registers the run_applications it imports)."""
+    return _script("run_cnf_tabular")
+
+
+@pytest.fixture(scope="module")
 def ratios(bench: ModuleType) -> ModuleType:
     """benchmarks/plot_ratios.py as a module (after `bench`, which registers the run_applications it imports)."""
     return _script("plot_ratios")
