@@ -72,7 +72,7 @@ def runs_of(runs: list[dict[str, Any]], dataset: str, clip: float | None) -> lis
 
 
 def overfit_lines(runs: list[dict[str, Any]]) -> list[str]:
-    """Per optimizer: where its validation NLL was lowest, and its test NLL there, at the start and at the end."""
+    """Per optimizer: where its validation NLL was lowest, and its test NLL before training and at the end."""
     out = []
     for name in OPTIMIZERS:
         group = [r for r in runs if r["config"]["optimizer"] == name]
