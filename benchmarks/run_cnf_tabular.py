@@ -40,7 +40,7 @@ SIZES = {"wine": "178 rows, 13 dimensions", "breast_cancer": "569 rows, 30 dimen
 OPTIMIZERS = ("snopt", "adam", "sgd")
 # SNOpt's settings: name -> kl_clip (None: the preset's, which has no trust region for the CNF).
 SNOPT_SETTINGS: dict[str, float | None] = {"preset": None, "kl_clip 1e-3": 1e-3}
-SEEDS = (0, 1, 2)
+SEEDS = (0, 1, 2, 3, 4)
 MD = "cnf_tabular_cpu.md"
 LOG = "cnf_tabular_cpu_runs.jsonl.gz"
 COMMAND = "python benchmarks/run_cnf_tabular.py"
