@@ -555,9 +555,10 @@ def runs_from_log(logged: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], l
 def reproduces(run_: dict[str, Any], longer: dict[str, Any]) -> bool:
     """Whether `longer` repeated `run_`'s computation: every evaluation `run_` made, bit for bit.
 
-    On one host a seed's run is deterministic, so a longer run of it repeats it. On another host
-    (other CPU kernels, other rounding) the trajectory parts from the first iterations on: the
-    longer run is then an independent run of the same initialisation and batch order.
+    On one CPU host a seed's run is deterministic, so a longer run of it repeats it. On another host
+    (other CPU kernels, other rounding), or on a GPU whose kernels need not repeat bit for bit, the
+    trajectory parts from the first iterations on: the longer run is then an independent run of the
+    same initialisation and batch order.
     """
     shared = len(run_["evals"]["train_loss"])
     return bool(longer["evals"]["train_loss"][:shared] == run_["evals"]["train_loss"])

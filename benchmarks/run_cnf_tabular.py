@@ -30,14 +30,13 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from run_applications import RESULTS, cpu_log_machine_lines, read_log, run_pool  # noqa: E402
+from run_applications import OPTIMIZERS, RESULTS, cpu_log_machine_lines, read_log, run_pool  # noqa: E402
 
 from snopt.experiments import RunConfig, plot_comparison  # noqa: E402
 from snopt.experiments._runner import config_key, quiet_warnings, run, tabulate  # noqa: E402
 
 DATASETS = ("wine", "breast_cancer")
 SIZES = {"wine": "178 rows, 13 dimensions", "breast_cancer": "569 rows, 30 dimensions"}
-OPTIMIZERS = ("snopt", "adam", "sgd")
 # SNOpt's settings: name -> kl_clip (None: the preset's, which has no trust region for the CNF).
 SNOPT_SETTINGS: dict[str, float | None] = {"preset": None, "kl_clip 1e-3": 1e-3}
 SEEDS = (0, 1, 2, 3, 4)
@@ -96,8 +95,8 @@ def overfit_lines(runs: list[dict[str, Any]]) -> list[str]:
 def report(runs: list[dict[str, Any]], out: Path, source: str | None) -> str:
     """The results file's text; writes the plots into `out`."""
     seeds = sorted({r["config"]["seed"] for r in runs})
-    head = runs[0]
-    res = head["resolved"]
+    res = runs[0]["resolved"]
+    snopt = next(r["resolved"] for r in runs if r["config"]["optimizer"] == "snopt")
     lines = [
         "# CNF on real tabular data (scikit-learn's wine and breast-cancer): SNOpt vs Adam vs SGD, untuned",
         "",
@@ -110,9 +109,7 @@ def report(runs: list[dict[str, Any]], out: Path, source: str | None) -> str:
         f"Every run: the `fast` CNF preset, {res['iterations']} iterations of batch {res['batch_size']}, evaluation "
         f"every {res['eval_every']} (validation and test NLL in nats, solved at "
         f"{res['options']['eval_rtol']:g}), options `{res['options']}`; learning rates are the preset's (SNOpt "
-        f"{next(r['resolved']['lr'] for r in runs if r['config']['optimizer'] == 'snopt'):g} with eps "
-        f"{next(r['resolved']['snopt_eps'] for r in runs if r['config']['optimizer'] == 'snopt'):g} and "
-        f"update_freq {next(r['resolved']['snopt_freq'] for r in runs if r['config']['optimizer'] == 'snopt')}; "
+        f"{snopt['lr']:g} with eps {snopt['snopt_eps']:g} and update_freq {snopt['snopt_freq']}; "
         "the others' in each table): **nothing here was tuned**. Seeds " + ", ".join(map(str, seeds)) + " (each "
         "seed also draws the train / validation / test split). The metric target is Adam's mean final test NLL; "
         "a target reached at iteration 0 (the untrained flow already beats it) gives a time of 0.",
