@@ -145,7 +145,7 @@ def test_committed_tuning_selects_the_presets(bench: ModuleType) -> None:
     """The benchmark table was measured with the tuned settings; the presets must be the same settings."""
     rows = json.loads(bench.TUNING_JSON.read_text())
     tasks = dict.fromkeys(r["task"] for r in rows)
-    assert set(tasks) == set(bench.TUNING_TASKS)  # the three tasks and Fashion-MNIST (benchmarks/run_fashion.py)
+    assert set(tasks) == set(bench.TUNING_TASKS)  # the three tasks, Fashion-MNIST and the CNF's two tables
     for task in tasks:
         kept = bench.best_settings([r for r in rows if r["task"] == task])
         defaults = task_defaults(bench.TUNING_TASKS[task])
@@ -253,8 +253,11 @@ def test_committed_tuning_sections_are_generated_from_the_record(bench: ModuleTy
     fashion = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(fashion)
     rows = json.loads(bench.TUNING_JSON.read_text())
+    tables = ("cnf_wine", "cnf_breast_cancer")
     expected = {"applications_cpu.md": bench.tuning_section([r for r in rows if r["task"] in bench.TASKS]),
-                "fashion_cpu.md": fashion.fashion_tuning([r for r in rows if r["task"] == "fashion"])}
+                "fashion_cpu.md": fashion.fashion_tuning([r for r in rows if r["task"] == "fashion"]),
+                "cnf_tabular_cpu.md": bench.tuning_section([r for r in rows if r["task"] in tables],
+                                                           "python benchmarks/run_cnf_tabular.py --tune")}
     for name, section in expected.items():
         text = (bench.RESULTS / name).read_text()
         assert text[text.index("## Tuning (tuning seeds, not reported)"):] == section + "\n", name
@@ -283,3 +286,25 @@ def test_overhead_lines_report_the_trust_region(bench: ModuleType) -> None:
     agg["snopt"].update(trust_region_active=stat(None, None), median_clip_scale=stat(None, None))
     off = bench.overhead_lines({"runs": [run_("snopt", None), run_("adam", None)], "aggregate": agg})
     assert not any("trust region" in ln for ln in off) and len(off) == len(lines) - 1
+
+
+def test_tabular_cnf_tuning_starts_from_its_own_eps_grid_and_the_trust_region(bench: ModuleType,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tables' CNF: SNOpt's eps grid starts at 0.01 (extended down while 0.01 is best), its kl_clip at 1e-3,
+    and the lowest mean final test NLL is kept."""
+    def fake(task: str, setting: tuple[str, float, float | None, float | None], seed: int,
+             iterations: int | None) -> dict[str, Any]:
+        name, lr, eps, clip = setting
+        nll = 20.0 + abs(math.log10(lr / 0.01)) + (abs(math.log10(eps / 0.003)) if eps else 0.0) + 0.1 * seed
+        return {"task": task, "optimizer": name, "lr": lr, "eps": eps, "kl_clip": clip, "seed": seed,
+                "metric": "nll", "diverged": False, "final_test_metric": nll}
+
+    monkeypatch.setattr(bench, "_tuning_run", fake)
+    rows = bench.tune("cnf_breast_cancer", None, 1, echo=False)
+    snopt = [r for r in rows if r["optimizer"] == "snopt"]
+    first = {(r["lr"], r["eps"]) for r in snopt[:27]}
+    assert first == {(lr, e) for lr in (0.01, 0.03, 0.1) for e in (0.01, 0.03, 0.1)}
+    assert {r["kl_clip"] for r in snopt[:27]} == {0.001}
+    assert sorted({r["eps"] for r in snopt}) == [0.001, 0.003, 0.01, 0.03, 0.1]  # extended down twice
+    assert bench.best_settings(rows)["snopt"][1:3] == (0.01, 0.003)
+    assert bench.best_settings(rows)["adam"][1] == 0.01
