@@ -23,7 +23,21 @@ def _body(text: str) -> list[str]:
     return [ln for ln in text.splitlines() if not ln.startswith("Regenerate")]
 
 
-def test_snopt_runs_per_setting_the_baselines_once_and_the_log_rewrites_the_tables(
+def _tuning_rows() -> list[dict[str, Any]]:
+    """Synthetic tuning rows of both tables: the kept settings are SNOpt (0.03, 0.01, kl_clip 0.003), SGD 0.1, and
+    Adam 0.01 on wine (the untuned rate: one run serves both tables) but 0.003 on breast-cancer."""
+    rows = []
+    for ds, adam in (("wine", 0.01), ("breast_cancer", 0.003)):
+        for seed in (100, 101, 102):
+            for opt, lr, eps, clip, nll in (("snopt", 0.03, 0.01, 0.003, 10.0), ("snopt", 0.1, 0.01, 0.003, 12.0),
+                                            ("adam", adam, None, None, 11.0), ("adam", 0.03, None, None, 13.0),
+                                            ("sgd", 0.1, None, None, 14.0)):
+                rows.append({"task": f"cnf_{ds}", "optimizer": opt, "lr": lr, "eps": eps, "kl_clip": clip,
+                             "seed": seed, "metric": "nll", "diverged": False, "final_test_metric": nll})
+    return rows
+
+
+def test_tuned_and_untuned_runs_and_the_log_rewrites_the_tables(
         tabular: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     asked: list[RunConfig] = []
 
@@ -32,35 +46,43 @@ def test_snopt_runs_per_setting_the_baselines_once_and_the_log_rewrites_the_tabl
         record = real_run(replace(cfg, iterations=2, eval_every=1, options={"hidden": 4}))
         return {**record, "config": cfg.to_dict()}  # recorded as the configuration asked for
 
+    rows_file = tmp_path / "tuning.json"
+    rows_file.write_text(json.dumps(_tuning_rows()))
+    monkeypatch.setattr(tabular, "TUNING_JSON", rows_file)
     monkeypatch.setattr(tabular, "run", tiny)
     out = tmp_path / "out"
     assert tabular.main(["--seeds", "0", "--jobs", "1", "--out", str(out)]) == 0
-    # per data set: SNOpt without and with the trust region, Adam and SGD once (they do not read kl_clip)
-    assert [(c.dataset, c.optimizer, c.snopt_kl_clip) for c in asked] == [
-        (ds, o, k) for ds in ("wine", "breast_cancer")
-        for o, k in (("snopt", None), ("snopt", 1e-3), ("adam", None), ("sgd", None))]
+    # per data set: the tuned runs at the kept settings (explicit, SNOpt's eps and kl_clip on SNOpt only), then
+    # the untuned SNOpt without and with the trust region, Adam and SGD, each configuration once
+    tuned = {"wine": [("snopt", 0.03, 0.01, 0.003), ("adam", 0.01, None, None), ("sgd", 0.1, None, None)],
+             "breast_cancer": [("snopt", 0.03, 0.01, 0.003), ("adam", 0.003, None, None), ("sgd", 0.1, None, None)]}
+    untuned = {"wine": [("snopt", 0.05, 0.05, 0.0), ("sgd", 0.05, None, None), ("snopt", 0.05, 0.05, 0.001)],
+               "breast_cancer": [("snopt", 0.05, 0.05, 0.0), ("adam", 0.01, None, None), ("sgd", 0.05, None, None),
+                                 ("snopt", 0.05, 0.05, 0.001)]}
+    assert [(c.dataset, c.optimizer, c.lr, c.snopt_eps, c.snopt_kl_clip) for c in asked] == [
+        (ds, *k) for ds in ("wine", "breast_cancer") for k in tuned[ds] + untuned[ds]]
     text = (out / "cnf_tabular_cpu.md").read_text()
     for ds in ("wine", "breast_cancer"):
         section = text.split(f"## {ds} (")[1].split("\n## ")[0]
-        parts = section.split("### SNOpt at ")[1:]
-        assert [p.split("\n")[0] for p in parts] == ["preset (kl_clip off)", "kl_clip 1e-3 (kl_clip 0.001)"]
-        for part in parts:  # each table: SNOpt's runs of its setting beside the same Adam and SGD runs
+        parts = section.split("### ")[1:]
+        assert [p.split("\n")[0] for p in parts] == [
+            "Tuned", "Untuned, SNOpt with no trust region", "Untuned, SNOpt with kl_clip 1e-3"]
+        for part in parts:  # each table: its SNOpt, Adam and SGD runs
             # a row each in the two optimizer tables, and Adam and SGD in the two ratio tables too
             assert (part.count("| snopt |"), part.count("| adam |"), part.count("| sgd |")) == (2, 4, 4)
             assert "- snopt: validation NLL lowest at iteration" in part
-        assert (out / f"cnf_tabular_{ds}_preset.png").is_file()
-        assert (out / f"cnf_tabular_{ds}_kl_clip_1em3.png").is_file()
+        adam = 0.01 if ds == "wine" else 0.003
+        assert (f"Settings: snopt lr 0.03 (eps 0.01, kl_clip 0.003, update_freq 25), adam lr {adam:g}, sgd lr 0.1."
+                in parts[0])
+        assert "Settings: snopt lr 0.05 (eps 0.05, kl_clip off, update_freq 25), adam lr 0.01, sgd lr 0.05." in parts[1]
+        for png in ("tuned", "untuned_no_trust_region", "untuned_kl_clip_1em3"):
+            assert (out / f"cnf_tabular_{ds}_{png}.png").is_file()
+    assert text.count("**kept**") == 6 and "| cnf_breast_cancer | adam | 0.003 |" in text  # the tuning section
     logged = [json.loads(ln) for ln in gzip.decompress((out / "cnf_tabular_cpu_runs.jsonl.gz").read_bytes())
               .decode().splitlines()]
-    assert len(logged) == 8
-    for ds in ("wine", "breast_cancer"):
-        for clip in (None, 1e-3):
-            chosen = tabular.runs_of(logged, ds, clip)
-            assert [(r["config"]["optimizer"], r["config"]["snopt_kl_clip"]) for r in chosen] == [
-                ("snopt", clip), ("adam", None), ("sgd", None)]
-            assert all(r["config"]["dataset"] == ds for r in chosen)
+    assert len(logged) == len(asked) == 13
     # the log alone rewrites the same tables, training nothing; foreign runs in it are left out
-    extra = {**logged[2], "config": {**logged[2]["config"], "snopt_kl_clip": 0.5}}  # Adam under another setting
+    extra = {**logged[1], "config": {**logged[1]["config"], "lr": 0.5}}  # Adam at another rate
     log = tmp_path / "runs.jsonl"
     log.write_text("".join(json.dumps(r) + "\n" for r in [*logged, extra]))
     asked.clear()
@@ -70,13 +92,25 @@ def test_snopt_runs_per_setting_the_baselines_once_and_the_log_rewrites_the_tabl
     assert _body((again / "cnf_tabular_cpu.md").read_text()) == _body(text)
 
 
+def test_no_tuning_rows_is_refused(tabular: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    rows_file = tmp_path / "tuning.json"
+    rows_file.write_text(json.dumps([r for r in _tuning_rows() if r["task"] == "cnf_wine"]))
+    monkeypatch.setattr(tabular, "TUNING_JSON", rows_file)
+    with pytest.raises(SystemExit, match="no tuning rows for cnf_wine, cnf_breast_cancer"):
+        tabular.main(["--out", str(tmp_path)])
+
+
 def test_the_committed_results_file_is_what_its_log_writes(tabular: ModuleType, tmp_path: Path) -> None:
     results = ROOT / "benchmarks" / "results"
     assert tabular.main(["--from-log", str(results / "cnf_tabular_cpu_runs.jsonl.gz"), "--out", str(tmp_path)]) == 0
     assert _body((tmp_path / "cnf_tabular_cpu.md").read_text()) == _body((results / "cnf_tabular_cpu.md").read_text())
 
 
-def test_a_missing_or_foreign_log_is_refused(tabular: ModuleType, tmp_path: Path) -> None:
+def test_a_missing_or_foreign_log_is_refused(tabular: ModuleType, tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    rows_file = tmp_path / "tuning.json"
+    rows_file.write_text(json.dumps(_tuning_rows()))
+    monkeypatch.setattr(tabular, "TUNING_JSON", rows_file)
     with pytest.raises(SystemExit, match="does not exist"):
         tabular.main(["--from-log", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path)])
     foreign = tmp_path / "foreign.jsonl"
