@@ -1,5 +1,6 @@
 """benchmarks/plot_ratios.py: the per-seed time-to-target ratios of every committed benchmark in one figure."""
 
+import re
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -83,3 +84,13 @@ def test_main_writes_the_figure_and_its_table(ratios: ModuleType, tmp_path: Path
     text = (tmp_path / "ratios_summary.md").read_text()
     committed = ROOT / "benchmarks" / "results" / "ratios_summary.md"
     assert text == committed.read_text()  # the committed table is this version's, from the committed logs
+
+
+def test_the_readme_quotes_the_committed_counts() -> None:
+    """The README's sentence on the figure gives the counts of the committed ratios_summary.md (no stale numbers)."""
+    summary = (ROOT / "benchmarks" / "results" / "ratios_summary.md").read_text()
+    m = re.search(r"Seed-level comparisons: (\d+); the goal ≤ 0\.5 is met on (\d+), (\d+) of them", summary)
+    assert m is not None
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert (f"Of the {m[1]} seed-level comparisons, SNOpt meets the ≤ 0.5 goal on {m[2]}, and on {m[3]} of those "
+            "only because the other optimizer diverged first.") in readme
