@@ -133,7 +133,7 @@ LR_GRIDS: dict[str, dict[str, list[float]]] = {
 }
 EPS_GRID = [0.003, 0.01, 0.03, 0.1]
 # Where a task starts from another eps grid. The tables' CNF: at eps 0.003 SNOpt's first breast-cancer runs blew up
-# (test NLL 1e5-8e6 nats) and took 7 minutes each, as the stiff flow's evaluations at rtol 1e-5 grew; the extension
+# (test NLL 1e5-8e6 nats) and took 4-5 minutes each, as the stiff flow's evaluations at rtol 1e-5 grew; the extension
 # still reaches 0.003 if 0.01 is best.
 EPS_GRIDS: dict[str, list[float]] = {"cnf_wine": [0.01, 0.03, 0.1], "cnf_breast_cancer": [0.01, 0.03, 0.1]}
 MAX_EXTEND = 2
