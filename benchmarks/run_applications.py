@@ -365,6 +365,14 @@ def _clip_words(clip: float | None) -> str:
     return "off" if clip is None else f"{clip:g}"
 
 
+def _eps_words(tasks: list[str]) -> str:
+    """The tuning section's words on SNOpt's eps grids: the tasks that start from another grid, and the run counts."""
+    own = [f"{TASK_WORDS[t]} {EPS_GRIDS[t]}" for t in tasks if t in EPS_GRIDS]
+    if not own:
+        return "Adam and SGD keep their defaults, so SNOpt gets about four times their runs"
+    return ", ".join(own) + ", Adam and SGD keep their defaults, so SNOpt gets three or four times their runs"
+
+
 def tuning_section(rows: list[dict[str, Any]], command: str = "python benchmarks/run_applications.py --tune") -> str:
     """Markdown: the protocol, every setting's per-seed results, and the kept setting per task and optimizer.
 
@@ -379,10 +387,7 @@ def tuning_section(rows: list[dict[str, Any]], command: str = "python benchmarks
              f"setting runs on tuning seeds {seeds} (not among the reported seeds), with the task's iterations and "
              "evaluation grid, two runs at a time (one torch thread each; the criterion is CPU time). Grids: "
              "learning rates on the 1-3-10 ladder (3 points per optimizer, task by task); SNOpt also its damping "
-             f"eps over {EPS_GRID} ("
-             + ("".join(f"{TASK_WORDS[t]} {EPS_GRIDS[t]}, " for t in tasks if t in EPS_GRIDS) + "Adam and SGD keep "
-                "their defaults, so SNOpt gets three or four times their runs). " if set(tasks) & set(EPS_GRIDS) else
-                "Adam and SGD keep their defaults, so SNOpt gets about four times their runs). ") +
+             f"eps over {EPS_GRID} ({_eps_words(tasks)}). "
              "While the best setting sits at an end of its grid along an axis (the values tried with the best "
              "setting's other coordinates), the grid is extended by one rung along that axis (at most "
              f"{MAX_EXTEND} rungs each way per axis). Then SNOpt's trust region `kl_clip`, held at a hand-set value "
