@@ -357,6 +357,14 @@ def retune(tasks: list[str], rows: list[dict[str, Any]], out: Path, jobs: int, *
     return rows
 
 
+def add_tuning_options(p: argparse.ArgumentParser, duration: str) -> None:
+    """The benchmark scripts' `--tune`, `--tune-only` and `--resume` (`duration`: how long the tuning takes)."""
+    p.add_argument("--tune", action="store_true",
+                   help=f"rerun the tuning first ({duration} on 2 cores) and rewrite its rows in {TUNING_JSON.name}")
+    p.add_argument("--tune-only", action="store_true", help="tune, write the tuning rows, skip the benchmark")
+    p.add_argument("--resume", action="store_true", help="reuse the runs of an interrupted --tune in --out")
+
+
 TASK_WORDS = {"digits": "digits", "timeseries": "time series", "cnf": "CNF", "fashion": "Fashion-MNIST",
               "cnf_wine": "CNF on wine", "cnf_breast_cancer": "CNF on breast-cancer"}
 
@@ -1088,11 +1096,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", nargs="+", type=int, default=None,
                    help="default: 0-4; with --preset paper " + ", ".join(f"{t} {' '.join(map(str, v))}"
                                                                      for t, v in PAPER_SEEDS.items()))
-    p.add_argument("--tune", action="store_true",
-                   help=f"rerun the tuning grids first (about 80 min on 2 cores) and rewrite {TUNING_JSON.name}")
-    p.add_argument("--tune-only", action="store_true", help="tune, write the tuning rows, skip the benchmark")
+    add_tuning_options(p, "about 80 min")
     p.add_argument("--jobs", type=int, default=2, help="tuning runs at a time (default 2)")
-    p.add_argument("--resume", action="store_true", help="reuse the runs of an interrupted --tune in --out")
     p.add_argument("--quick", action="store_true", help="a third of the iterations (a check, not the table)")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--raw", type=Path, default=None, help="also keep every run's JSON record here")

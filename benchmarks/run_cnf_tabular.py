@@ -45,6 +45,7 @@ from run_applications import (  # noqa: E402
     OPTIMIZERS,
     RESULTS,
     TUNING_JSON,
+    add_tuning_options,
     best_settings,
     cpu_log_machine_lines,
     read_log,
@@ -215,10 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint-dir", type=Path, default=None, metavar="DIR",
                    help="checkpoint every run in DIR; the same command run again continues the interrupted runs")
     p.add_argument("--from-log", type=Path, default=None, help="write the tables from this log; no training")
-    p.add_argument("--tune", action="store_true",
-                   help=f"rerun the tuning first (about an hour on 2 cores) and rewrite its rows in {TUNING_JSON.name}")
-    p.add_argument("--tune-only", action="store_true", help="tune, write the tuning rows, skip the benchmark")
-    p.add_argument("--resume", action="store_true", help="reuse the runs of an interrupted --tune in --out")
+    add_tuning_options(p, "about an hour")
     args = p.parse_args(argv)
     quiet_warnings()
     args.out.mkdir(parents=True, exist_ok=True)

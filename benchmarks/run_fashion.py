@@ -39,6 +39,7 @@ from run_applications import (
     OPTIMIZERS,
     RESULTS,
     TUNING_JSON,
+    add_tuning_options,
     best_settings,
     cpu_log_machine_lines,
     decide_plan,
@@ -233,10 +234,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="settle undetermined ≤ 0.5 verdicts by longer runs of the seeds where Adam or SGD missed a "
                         "target SNOpt reached (appended to --log; runs the log already holds are reused)")
     p.add_argument("--iterations", type=int, default=None, help="fewer iterations (a check, not the table)")
-    p.add_argument("--tune", action="store_true",
-                   help=f"rerun the tuning first (about an hour on 2 cores) and rewrite its rows in {TUNING_JSON.name}")
-    p.add_argument("--tune-only", action="store_true", help="tune, write the tuning rows, skip the benchmark")
-    p.add_argument("--resume", action="store_true", help="reuse the runs of an interrupted --tune in --out")
+    add_tuning_options(p, "about an hour")
     args = p.parse_args(argv)
     extra = parse_extra(args.extra)
     quiet_warnings()
