@@ -800,11 +800,17 @@ def decided_lines(runs: list[dict[str, Any]], extended: list[dict[str, Any]],
              "|---|---|" + "---|" * len(seeds) + "---|", *rows, ""]
     if pairs:
         speeds = [f"{opt} seed {sd} {ms_per_nfe(o, e, clock)}" for (opt, sd), (o, e) in sorted(pairs.items())]
-        hosts = sorted({str(r["machine"].get("platform", "?")) for pair in pairs.values() for r in pair})
+        hosts = sorted({host_name(r["machine"]) for pair in pairs.values() for r in pair})
         table += [f"Speed behind the runs on another trajectory ({CLOCKS[clock][3]} ms per function "
                   "evaluation, forward and backward, over the protocol run's iterations; protocol run → this "
                   "longer run): " + "; ".join(speeds) + f". Hosts: {', '.join(hosts)}.", ""]
     return table, verdict_out
+
+
+def host_name(machine: dict[str, Any]) -> str:
+    """A run's host in words: its platform, and its GPU where it ran on one (two cards can share a platform)."""
+    gpu = machine.get("gpu") if machine.get("device", "cpu") != "cpu" else None
+    return str(machine.get("platform", "?")) + (f" ({gpu})" if gpu else "")
 
 
 def clock_per_nfe(run_: dict[str, Any], clock: str = "cpu", iterations: int | None = None) -> float:

@@ -248,6 +248,9 @@ def test_decided_lines_settle_each_seed_from_the_longer_runs(bench: ModuleType) 
     # 0.5 s / 20 NFE on the protocol host, 0.6 s / 20 on the longer run's
     assert any(ln.endswith("protocol run → this longer run): sgd seed 0 25.000 → 30.000. Hosts: host-a, host-b.")
                for ln in table)
+    # on a GPU the host names its card too: two cards can share one platform string
+    on_gpu = [{**other[0], "machine": {"platform": "host-a", "device": "cuda", "gpu": "Card B"}}]
+    assert any(ln.endswith("Hosts: host-a, host-a (Card B).") for ln in bench.decided_lines(runs[:2], on_gpu)[0])
     assert not any("another trajectory" in ln for ln in bench.decided_lines(runs[:2], slow)[0])
     # Another trajectory that diverged (or reached the target) within the protocol run's 300 iterations
     # contradicts it rather than continuing it: the protocol's bound stands.
