@@ -48,6 +48,12 @@ def ratios(bench: ModuleType) -> ModuleType:
     return _script("plot_ratios")
 
 
+@pytest.fixture(scope="module")
+def gpu_bench() -> ModuleType:
+    """benchmarks/gpu_bench.py as a module (its functions run on the CPU too)."""
+    return _script("gpu_bench")
+
+
 def _continued(t: dict[str, Any], iterations: int) -> dict[str, Any]:
     """Run record `t` continued to `iterations` at its own cost per iteration (both clocks), reaching both targets
     at its last evaluation: a stand-in for a `--decide` run of the same seed."""
