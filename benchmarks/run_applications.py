@@ -266,7 +266,8 @@ def _tuning_run(task: str, setting: Setting, seed: int, iterations: int | None) 
 
 def tune(task: str, iterations: int | None, jobs: int, echo: bool, *,
          done: list[dict[str, Any]] | None = None,
-         save: Callable[[list[dict[str, Any]]], None] | None = None) -> list[dict[str, Any]]:
+         save: Callable[[list[dict[str, Any]]], None] | None = None,
+         seeds: tuple[int, ...] = TUNING_SEEDS) -> list[dict[str, Any]]:
     """Run `task`'s grids on the tuning seeds (extending them, see `extensions`); return one row per run.
 
     Args:
@@ -276,6 +277,7 @@ def tune(task: str, iterations: int | None, jobs: int, echo: bool, *,
         echo: Print a line per run.
         done: Rows of an interrupted tuning of this task: their (setting, seed) runs are reused.
         save: Called with the rows so far after every batch of runs (to resume after an interruption).
+        seeds: The tuning seeds (the protocol's `TUNING_SEEDS`; others make a diagnostic, not the record).
     """
     rows: list[dict[str, Any]] = []
     cache = {(_key(r), int(r["seed"])): r for r in done or [] if r["task"] == task}
@@ -284,7 +286,7 @@ def tune(task: str, iterations: int | None, jobs: int, echo: bool, *,
         return cache.get((st, seed)) or _tuning_run(task, st, seed, iterations)
 
     def run_all(settings: list[Setting]) -> None:
-        todo = [(st, seed) for st in settings for seed in TUNING_SEEDS]
+        todo = [(st, seed) for st in settings for seed in seeds]
         with ThreadPoolExecutor(jobs) as ex:  # each run is its own process with one torch thread
             for row in ex.map(lambda a: one(*a), todo):
                 rows.append(row)
@@ -323,7 +325,7 @@ def tune(task: str, iterations: int | None, jobs: int, echo: bool, *,
 
 
 def retune(tasks: list[str], rows: list[dict[str, Any]], out: Path, jobs: int, *, resume: bool,
-           quick: bool = False) -> list[dict[str, Any]]:
+           quick: bool = False, seeds: tuple[int, ...] = TUNING_SEEDS) -> list[dict[str, Any]]:
     """Rerun `tune` for `tasks`, saving every row to ``out / TUNING_JSON.name`` as it goes.
 
     Args:
@@ -333,6 +335,7 @@ def retune(tasks: list[str], rows: list[dict[str, Any]], out: Path, jobs: int, *
         jobs: Runs at a time.
         resume: Reuse the runs an interrupted tuning saved in that file.
         quick: A third of each task's iterations (a check, not the record).
+        seeds: The tuning seeds (`tune`).
 
     Returns:
         The rows, the new ones of `tasks` in place of theirs, grouped by task in `TUNING_TASKS` order (so
@@ -343,13 +346,13 @@ def retune(tasks: list[str], rows: list[dict[str, Any]], out: Path, jobs: int, *
     partial = json.loads(out_json.read_text()) if resume and out_json.exists() else []
     rows = [r for r in rows if r["task"] not in tasks]
     for task in tasks:
-        print(f"[{task}] tuning on seeds {TUNING_SEEDS} ...", flush=True)
+        print(f"[{task}] tuning on seeds {seeds} ...", flush=True)
         iters = max(10, task_defaults(TUNING_TASKS[task]).iterations // 3) if quick else None
         kept_rows = list(rows)
 
         def save(so_far: list[dict[str, Any]], before: list[dict[str, Any]] = kept_rows) -> None:
             out_json.write_text(json.dumps(before + so_far, indent=0) + "\n")
-        rows = kept_rows + tune(task, iters, jobs, echo=True, done=partial, save=save)
+        rows = kept_rows + tune(task, iters, jobs, echo=True, done=partial, save=save, seeds=seeds)
         order = list(TUNING_TASKS)
         rows.sort(key=lambda r: order.index(r["task"]) if r["task"] in order else len(order))  # stable
         save(rows, [])
@@ -363,6 +366,21 @@ def add_tuning_options(p: argparse.ArgumentParser, duration: str) -> None:
                    help=f"rerun the tuning first ({duration} on 2 cores) and rewrite its rows in {TUNING_JSON.name}")
     p.add_argument("--tune-only", action="store_true", help="tune, write the tuning rows, skip the benchmark")
     p.add_argument("--resume", action="store_true", help="reuse the runs of an interrupted --tune in --out")
+    p.add_argument("--tuning-seeds", nargs="+", type=int, default=list(TUNING_SEEDS), metavar="SEED",
+                   help=f"tuning seeds (the protocol's: {' '.join(map(str, TUNING_SEEDS))}); other seeds make a "
+                   f"diagnostic, so they need --tune-only. To add seeds to the record's runs, copy "
+                   f"{TUNING_JSON.name} into --out and add --resume: only the new (setting, seed) runs run")
+
+
+def tuning_seeds(p: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[int, ...]:
+    """The checked `--tuning-seeds`: the protocol's, or (with `--tune-only`) others that no reported seed uses."""
+    seeds = tuple(dict.fromkeys(args.tuning_seeds))
+    if seeds != TUNING_SEEDS and (not args.tune_only or Path(args.out).resolve() == RESULTS):
+        p.error(f"--tuning-seeds other than the protocol's {TUNING_SEEDS} make a diagnostic, not the record the "
+                "benchmark's settings come from: add --tune-only and an --out other than benchmarks/results")
+    if set(seeds) & set(getattr(args, "seeds", None) or ()):
+        p.error(f"tuning seeds {sorted(set(seeds) & set(args.seeds))} are also reported seeds (--seeds)")
+    return seeds
 
 
 TASK_WORDS = {"digits": "digits", "timeseries": "time series", "cnf": "CNF", "fashion": "Fashion-MNIST",
@@ -390,7 +408,12 @@ def tuning_section(rows: list[dict[str, Any]], command: str = "python benchmarks
     """
     seeds = sorted({int(r["seed"]) for r in rows})
     tasks = list(dict.fromkeys(r["task"] for r in rows))
+    diagnostic = tuple(seeds) != TUNING_SEEDS
+    if diagnostic:
+        command = command.removesuffix(" --tune") + " --tune-only --tuning-seeds " + " ".join(map(str, seeds))
     lines = ["## Tuning (tuning seeds, not reported)", "",
+             *([f"**A diagnostic, not the record:** the protocol tunes on seeds {list(TUNING_SEEDS)}.", ""]
+               if diagnostic else []),
              f"Generated by `{command}` (rows in `{TUNING_JSON.name}`). Every "
              f"setting runs on tuning seeds {seeds} (not among the reported seeds), with the task's iterations and "
              "evaluation grid, two runs at a time (one torch thread each; the criterion is CPU time). Grids: "
@@ -1120,13 +1143,15 @@ def main(argv: list[str] | None = None) -> int:
     paper = args.preset == "paper"
     if paper and (args.tune or args.tune_only):
         p.error("--tune searches the fast presets' settings; --preset paper runs the authors' settings as they are")
+    tuning_seeds(p, args)  # checked before anything runs
     tasks: list[str] = args.tasks or (list(PAPER_TASKS) if paper else list(TASKS))
     md = PAPER_MD.name if paper else MD.name
     quiet_warnings()
     start = time.perf_counter()
     rows: list[dict[str, Any]] = json.loads(TUNING_JSON.read_text()) if TUNING_JSON.exists() else []
     if args.tune or args.tune_only:
-        rows = retune(tasks, rows, args.out, args.jobs, resume=args.resume, quick=args.quick)
+        rows = retune(tasks, rows, args.out, args.jobs, resume=args.resume, quick=args.quick,
+                      seeds=tuning_seeds(p, args))
     rows_here = [r for r in rows if r["task"] in TASKS]  # Fashion-MNIST's rows belong to run_fashion.py's table
     if args.tune_only:
         print(tuning_section(rows_here))

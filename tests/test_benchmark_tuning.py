@@ -308,3 +308,66 @@ def test_tabular_cnf_tuning_starts_from_its_own_eps_grid_and_the_trust_region(be
     assert sorted({r["eps"] for r in snopt}) == [0.001, 0.003, 0.01, 0.03, 0.1]  # extended down twice
     assert bench.best_settings(rows)["snopt"][1:3] == (0.01, 0.003)
     assert bench.best_settings(rows)["adam"][1] == 0.01
+
+
+def test_more_tuning_seeds_reuse_the_records_runs(bench: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--tuning-seeds` with the record's rows resumed: only the new seeds' runs run, every setting on every seed."""
+    calls: list[tuple[Any, ...]] = []
+
+    def fake(task: str, setting: tuple[str, float, float | None, float | None], seed: int,
+             iterations: int | None) -> dict[str, Any]:
+        calls.append((*setting, seed))
+        t = 5.0 + abs(setting[1] - 0.1) + (setting[2] or 0.0) + (setting[3] or 0.0) + 0.1 * seed
+        return _row(setting[0], setting[1], setting[2], seed, tl=t, tm=t, clip=setting[3])
+
+    monkeypatch.setattr(bench, "_tuning_run", fake)
+    record = bench.tune("digits", None, 1, echo=False)
+    calls.clear()
+    more = bench.tune("digits", None, 1, echo=False, done=record, seeds=(*bench.TUNING_SEEDS, 103))
+    assert calls and {c[-1] for c in calls} == {103}  # the record's seeds are not run again
+    settings = {(r["optimizer"], r["lr"], r["eps"], r["kl_clip"]) for r in more}
+    assert len(more) == 4 * len(settings) and {r["seed"] for r in more} == {*bench.TUNING_SEEDS, 103}
+
+
+@pytest.mark.parametrize("argv", [
+    ["--tuning-seeds", "100", "101", "102", "103"],  # a diagnostic would set the benchmark's settings
+    ["--tune-only", "--tuning-seeds", "100", "101", "102", "103"],  # ... or overwrite the record in results/
+    ["--tune-only", "--out", "{tmp}", "--seeds", "0", "1", "--tuning-seeds", "1", "100"],  # a reported seed
+])
+def test_other_tuning_seeds_only_make_a_diagnostic(tabular: ModuleType, fashion: ModuleType, bench: ModuleType,
+                                                   argv: list[str], tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_tuning(*args: Any, **kwargs: Any) -> list[dict[str, Any]]:
+        raise AssertionError("tuned before the seeds were checked")
+
+    for script in (tabular, fashion, bench):
+        monkeypatch.setattr(script, "retune", no_tuning)
+        with pytest.raises(SystemExit) as exc:
+            script.main([a.replace("{tmp}", str(tmp_path)) for a in argv])
+        assert exc.value.code == 2  # argparse's usage error
+
+
+def test_a_tuning_diagnostic_runs_on_its_seeds(tabular: ModuleType, fashion: ModuleType, bench: ModuleType,
+                                               tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    asked: list[tuple[int, ...]] = []
+
+    class Stop(Exception):
+        pass
+
+    def recording(*args: Any, seeds: tuple[int, ...], **kwargs: Any) -> list[dict[str, Any]]:
+        asked.append(seeds)
+        raise Stop
+
+    for script in (tabular, fashion, bench):
+        monkeypatch.setattr(script, "retune", recording)
+        with pytest.raises(Stop):
+            script.main(["--tune-only", "--out", str(tmp_path), "--tuning-seeds", "100", "101", "102", "103", "103"])
+    assert asked == [(100, 101, 102, 103)] * 3
+
+
+def test_a_diagnostic_tuning_section_says_so(bench: ModuleType) -> None:
+    rows = [_row("adam", 0.01, None, s, tl=1.0, tm=1.0) for s in (*bench.TUNING_SEEDS, 103)]
+    text = bench.tuning_section(rows, "python benchmarks/run_applications.py --tune")
+    assert "**A diagnostic, not the record:**" in text
+    assert "`python benchmarks/run_applications.py --tune-only --tuning-seeds 100 101 102 103`" in text
+    assert "diagnostic" not in bench.tuning_section(rows[:-1])
