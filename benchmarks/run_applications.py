@@ -368,7 +368,8 @@ def add_tuning_options(p: argparse.ArgumentParser, duration: str) -> None:
     p.add_argument("--resume", action="store_true", help="reuse the runs of an interrupted --tune in --out")
     p.add_argument("--tuning-seeds", nargs="+", type=int, default=list(TUNING_SEEDS), metavar="SEED",
                    help=f"tuning seeds (the protocol's: {' '.join(map(str, TUNING_SEEDS))}); other seeds make a "
-                   f"diagnostic, so they need --tune-only. To add seeds to the record's runs, copy "
+                   f"diagnostic, so they need --tune-only and an --out outside benchmarks/results. To add seeds to "
+                   f"the record's runs, copy "
                    f"{TUNING_JSON.name} into --out and add --resume: only the new (setting, seed) runs run")
 
 
