@@ -158,8 +158,9 @@ def test_committed_tuning_selects_the_presets(bench: ModuleType) -> None:
         assert seeds == set(bench.TUNING_SEEDS) and not seeds & {0, 1, 2}  # tuning seeds are never reported
 
 
-def test_tune_resumes_from_saved_rows(bench: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
-    """An interrupted tuning reuses its saved runs and saves as it goes; the result equals an uninterrupted one."""
+def _smooth_landscape(bench: ModuleType, monkeypatch: pytest.MonkeyPatch) -> list[tuple[Any, ...]]:
+    """Swap the tuning runs for a smooth synthetic score (best near lr 0.1, small eps and clip, low seeds); the
+    returned list collects every (setting..., seed) run asked for."""
     calls: list[tuple[Any, ...]] = []
 
     def fake(task: str, setting: tuple[str, float, float | None, float | None], seed: int,
@@ -169,6 +170,12 @@ def test_tune_resumes_from_saved_rows(bench: ModuleType, monkeypatch: pytest.Mon
         return _row(setting[0], setting[1], setting[2], seed, tl=t, tm=t, clip=setting[3])
 
     monkeypatch.setattr(bench, "_tuning_run", fake)
+    return calls
+
+
+def test_tune_resumes_from_saved_rows(bench: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An interrupted tuning reuses its saved runs and saves as it goes; the result equals an uninterrupted one."""
+    calls = _smooth_landscape(bench, monkeypatch)
     saved: list[list[dict[str, Any]]] = []
     full = bench.tune("digits", None, 1, echo=False, save=lambda rows: saved.append(list(rows)))
     n = len(calls)
@@ -312,15 +319,7 @@ def test_tabular_cnf_tuning_starts_from_its_own_eps_grid_and_the_trust_region(be
 
 def test_more_tuning_seeds_reuse_the_records_runs(bench: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
     """`--tuning-seeds` with the record's rows resumed: only the new seeds' runs run, every setting on every seed."""
-    calls: list[tuple[Any, ...]] = []
-
-    def fake(task: str, setting: tuple[str, float, float | None, float | None], seed: int,
-             iterations: int | None) -> dict[str, Any]:
-        calls.append((*setting, seed))
-        t = 5.0 + abs(setting[1] - 0.1) + (setting[2] or 0.0) + (setting[3] or 0.0) + 0.1 * seed
-        return _row(setting[0], setting[1], setting[2], seed, tl=t, tm=t, clip=setting[3])
-
-    monkeypatch.setattr(bench, "_tuning_run", fake)
+    calls = _smooth_landscape(bench, monkeypatch)
     record = bench.tune("digits", None, 1, echo=False)
     calls.clear()
     more = bench.tune("digits", None, 1, echo=False, done=record, seeds=(*bench.TUNING_SEEDS, 103))
