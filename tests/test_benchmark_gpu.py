@@ -21,18 +21,32 @@ def test_each_timed_iteration_is_filed_by_what_it_was(gpu_bench: ModuleType, upd
     monkeypatch.setattr(gpu_bench, "DEV", "cpu")  # no device to synchronise
     monkeypatch.setattr(gpu_bench.time, "perf_counter", lambda: clock[0])
     seen: list[bool] = []
+    step = opt.step
 
-    def it() -> None:
-        # what the iteration really was: whether its backward pass gathered factors
-        opt.zero_grad()
+    def forward_backward() -> None:
         F.cross_entropy(model(x), y).backward()
-        collected = any(f.steps > 0 for c in opt.collectors for f in c.factors.values())  # reset by each refresh
+        # what the iteration really was: whether its backward pass gathered factors (each refresh resets them)
+        collected = any(f.steps > 0 for c in opt.collectors for f in c.factors.values())
         seen.append(collected)
-        opt.step()
-        clock[0] += 2.0 if collected else 1.0  # a fake clock: a collection iteration "takes" 2 s, a plain one 1 s
+        clock[0] += 2.0 if collected else 1.0  # a fake clock: the backward of a collection iteration "takes" 2 s
 
-    it(), it()  # the script's warm-up
-    times = gpu_bench.iteration_times(opt, it, 6)
+    def timed_step() -> None:
+        clock[0] += 0.5 if seen[-1] else 0.25  # ... and its step (the eigenbases' refresh) 0.5 s, a plain one 0.25
+        step()
+
+    monkeypatch.setattr(opt, "step", timed_step)
+    gpu_bench.iteration_times(opt, forward_backward, 2)  # the script's warm-up
+    times = gpu_bench.iteration_times(opt, forward_backward, 6)
     assert seen[2:].count(True) == len(times["collection"]) == len([k for k in range(2, 8) if k % update_freq == 0])
-    assert times == {"collection": [2.0] * len(times["collection"]), "plain": [1.0] * len(times["plain"])}
+    assert times == {"collection": [(2.0, 0.5)] * len(times["collection"]),
+                     "plain": [(1.0, 0.25)] * len(times["plain"])}
     assert times["collection"] and times["plain"]
+
+
+def test_an_optimizer_that_does_not_collect_has_only_plain_iterations(gpu_bench: ModuleType,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(gpu_bench, "DEV", "cpu")
+    w = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.Adam([w], 1e-3)
+    times = gpu_bench.iteration_times(opt, lambda: w.pow(2).sum().backward(), 3)
+    assert len(times["plain"]) == 3 and not times["collection"] and float(w[0].detach()) < 1.0  # it stepped
