@@ -1144,7 +1144,7 @@ def main(argv: list[str] | None = None) -> int:
     paper = args.preset == "paper"
     if paper and (args.tune or args.tune_only):
         p.error("--tune searches the fast presets' settings; --preset paper runs the authors' settings as they are")
-    tuning_seeds(p, args)  # checked before anything runs
+    seeds_for_tuning = tuning_seeds(p, args)  # checked before anything runs
     tasks: list[str] = args.tasks or (list(PAPER_TASKS) if paper else list(TASKS))
     md = PAPER_MD.name if paper else MD.name
     quiet_warnings()
@@ -1152,7 +1152,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = json.loads(TUNING_JSON.read_text()) if TUNING_JSON.exists() else []
     if args.tune or args.tune_only:
         rows = retune(tasks, rows, args.out, args.jobs, resume=args.resume, quick=args.quick,
-                      seeds=tuning_seeds(p, args))
+                      seeds=seeds_for_tuning)
     rows_here = [r for r in rows if r["task"] in TASKS]  # Fashion-MNIST's rows belong to run_fashion.py's table
     if args.tune_only:
         print(tuning_section(rows_here))

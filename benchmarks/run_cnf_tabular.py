@@ -219,13 +219,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--from-log", type=Path, default=None, help="write the tables from this log; no training")
     add_tuning_options(p, "about an hour")
     args = p.parse_args(argv)
-    tuning_seeds(p, args)  # checked before anything runs
+    seeds_for_tuning = tuning_seeds(p, args)  # checked before anything runs
     quiet_warnings()
     args.out.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = json.loads(TUNING_JSON.read_text()) if TUNING_JSON.exists() else []
     if args.tune or args.tune_only:
         rows = retune(list(TUNING_TASK.values()), rows, args.out, args.jobs, resume=args.resume,
-                      seeds=tuning_seeds(p, args))
+                      seeds=seeds_for_tuning)
     if args.tune_only:
         print(tuning_section([r for r in rows if r["task"] in TUNING_TASK.values()], f"{COMMAND} --tune"))
         return 0

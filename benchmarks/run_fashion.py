@@ -237,13 +237,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--iterations", type=int, default=None, help="fewer iterations (a check, not the table)")
     add_tuning_options(p, "about an hour")
     args = p.parse_args(argv)
-    tuning_seeds(p, args)  # checked before anything runs
+    seeds_for_tuning = tuning_seeds(p, args)  # checked before anything runs
     extra = parse_extra(args.extra)
     quiet_warnings()
     start = time.perf_counter()
     rows: list[dict[str, Any]] = json.loads(TUNING_JSON.read_text()) if TUNING_JSON.exists() else []
     if args.tune or args.tune_only:
-        rows = retune(["fashion"], rows, args.out, args.jobs, resume=args.resume, seeds=tuning_seeds(p, args))
+        rows = retune(["fashion"], rows, args.out, args.jobs, resume=args.resume, seeds=seeds_for_tuning)
     mine = [r for r in rows if r["task"] == "fashion"]
     if args.tune_only:
         print(fashion_tuning(mine))
