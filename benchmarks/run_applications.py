@@ -91,7 +91,8 @@ TASKS: dict[str, RunConfig] = {
 # The CNF on real tables (benchmarks/run_cnf_tabular.py) is tuned per table: its presets are the picks of these rows.
 TUNING_TASKS: dict[str, RunConfig] = {**TASKS, "fashion": RunConfig(task="fashion", threads=1),
                                       "cnf_wine": RunConfig(task="cnf", dataset="wine", threads=1),
-                                      "cnf_breast_cancer": RunConfig(task="cnf", dataset="breast_cancer", threads=1)}
+                                      "cnf_breast_cancer": RunConfig(task="cnf", dataset="breast_cancer", threads=1),
+                                      "cnf_old_faithful": RunConfig(task="cnf", dataset="old_faithful", threads=1)}
 NOTES: dict[str, str] = {
     "timeseries": "Each optimizer trains the whole GRU-ODE (the authors' scripts instead train the GRU and the head "
                   "with Adam for every optimizer: `--preset paper`). SNOpt's factors for the ODE layers integrate "
@@ -130,12 +131,14 @@ LR_GRIDS: dict[str, dict[str, list[float]]] = {
     "fashion": {"snopt": [0.1, 0.3, 1.0], "adam": [0.001, 0.003, 0.01], "sgd": [0.01, 0.03, 0.1]},
     "cnf_wine": {"snopt": [0.01, 0.03, 0.1], "adam": [0.003, 0.01, 0.03], "sgd": [0.01, 0.03, 0.1]},
     "cnf_breast_cancer": {"snopt": [0.01, 0.03, 0.1], "adam": [0.003, 0.01, 0.03], "sgd": [0.01, 0.03, 0.1]},
+    "cnf_old_faithful": {"snopt": [0.01, 0.03, 0.1], "adam": [0.003, 0.01, 0.03], "sgd": [0.01, 0.03, 0.1]},
 }
 EPS_GRID = [0.003, 0.01, 0.03, 0.1]
 # Where a task starts from another eps grid. The tables' CNF: at eps 0.003 SNOpt's first breast-cancer runs blew up
 # (test NLL 1e5-8e6 nats) and took 4-5 minutes each, as the stiff flow's evaluations at rtol 1e-5 grew; the extension
 # still reaches 0.003 if 0.01 is best.
-EPS_GRIDS: dict[str, list[float]] = {"cnf_wine": [0.01, 0.03, 0.1], "cnf_breast_cancer": [0.01, 0.03, 0.1]}
+EPS_GRIDS: dict[str, list[float]] = {"cnf_wine": [0.01, 0.03, 0.1], "cnf_breast_cancer": [0.01, 0.03, 0.1],
+                                     "cnf_old_faithful": [0.01, 0.03, 0.1]}
 MAX_EXTEND = 2
 MAX_ROUNDS = 3  # of the (lr, eps) / kl_clip coordinate descent
 LADDER = sorted(round(m * 10.0 ** k, 12) for k in range(-6, 3) for m in (1, 3))
@@ -145,7 +148,7 @@ TARGET_RATIO = 0.5
 # CNF runs without it: see NOTES). The search moves along the ladder from here, like lr and eps.
 # The tables start at 1e-3: untuned, SNOpt overfitted breast-cancer without one (cnf_tabular_cpu.md, "Untuned").
 CLIP_START: dict[str, float | None] = {"digits": 1e-3, "timeseries": 3e-3, "cnf": None, "fashion": 1e-3,
-                                       "cnf_wine": 1e-3, "cnf_breast_cancer": 1e-3}
+                                       "cnf_wine": 1e-3, "cnf_breast_cancer": 1e-3, "cnf_old_faithful": 1e-3}
 AXES = ("lr", "eps", "kl_clip")
 Setting = tuple[str, float, float | None, float | None]  # (optimizer, lr, SNOpt's eps or None, its kl_clip or None)
 
@@ -385,7 +388,8 @@ def tuning_seeds(p: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[
 
 
 TASK_WORDS = {"digits": "digits", "timeseries": "time series", "cnf": "CNF", "fashion": "Fashion-MNIST",
-              "cnf_wine": "CNF on wine", "cnf_breast_cancer": "CNF on breast-cancer"}
+              "cnf_wine": "CNF on wine", "cnf_breast_cancer": "CNF on breast-cancer",
+              "cnf_old_faithful": "CNF on Old Faithful"}
 
 
 def _clip_words(clip: float | None) -> str:

@@ -24,10 +24,10 @@ def _body(text: str) -> list[str]:
 
 
 def _tuning_rows() -> list[dict[str, Any]]:
-    """Synthetic tuning rows of both tables: the kept settings are SNOpt (0.03, 0.01, kl_clip 0.003), SGD 0.1, and
-    Adam 0.01 on wine (the untuned rate: one run serves both tables) but 0.003 on breast-cancer."""
+    """Synthetic tuning rows of the three tables: the kept settings are SNOpt (0.03, 0.01, kl_clip 0.003), SGD 0.1, and
+    Adam 0.01 on wine and Old Faithful (the untuned rate: one run serves both settings) but 0.003 on breast-cancer."""
     rows = []
-    for ds, adam in (("wine", 0.01), ("breast_cancer", 0.003)):
+    for ds, adam in (("wine", 0.01), ("breast_cancer", 0.003), ("old_faithful", 0.01)):
         for seed in (100, 101, 102):
             for opt, lr, eps, clip, nll in (("snopt", 0.03, 0.01, 0.003, 10.0), ("snopt", 0.1, 0.01, 0.003, 12.0),
                                             ("adam", adam, None, None, 11.0), ("adam", 0.03, None, None, 13.0),
@@ -55,14 +55,16 @@ def test_tuned_and_untuned_runs_and_the_log_rewrites_the_tables(
     # per data set: the tuned runs at the kept settings (explicit, SNOpt's eps and kl_clip on SNOpt only), then
     # the untuned SNOpt without and with the trust region, Adam and SGD, each configuration once
     tuned = {"wine": [("snopt", 0.03, 0.01, 0.003), ("adam", 0.01, None, None), ("sgd", 0.1, None, None)],
-             "breast_cancer": [("snopt", 0.03, 0.01, 0.003), ("adam", 0.003, None, None), ("sgd", 0.1, None, None)]}
+             "breast_cancer": [("snopt", 0.03, 0.01, 0.003), ("adam", 0.003, None, None), ("sgd", 0.1, None, None)],
+             "old_faithful": [("snopt", 0.03, 0.01, 0.003), ("adam", 0.01, None, None), ("sgd", 0.1, None, None)]}
     untuned = {"wine": [("snopt", 0.05, 0.05, 0.0), ("sgd", 0.05, None, None), ("snopt", 0.05, 0.05, 0.001)],
+               "old_faithful": [("snopt", 0.05, 0.05, 0.0), ("sgd", 0.05, None, None), ("snopt", 0.05, 0.05, 0.001)],
                "breast_cancer": [("snopt", 0.05, 0.05, 0.0), ("adam", 0.01, None, None), ("sgd", 0.05, None, None),
                                  ("snopt", 0.05, 0.05, 0.001)]}
     assert [(c.dataset, c.optimizer, c.lr, c.snopt_eps, c.snopt_kl_clip) for c in asked] == [
-        (ds, *k) for ds in ("wine", "breast_cancer") for k in tuned[ds] + untuned[ds]]
+        (ds, *k) for ds in ("wine", "breast_cancer", "old_faithful") for k in tuned[ds] + untuned[ds]]
     text = (out / "cnf_tabular_cpu.md").read_text()
-    for ds in ("wine", "breast_cancer"):
+    for ds in ("wine", "breast_cancer", "old_faithful"):
         section = text.split(f"## {ds} (")[1].split("\n## ")[0]
         parts = section.split("### ")[1:]
         assert [p.split("\n")[0] for p in parts] == [
@@ -71,16 +73,16 @@ def test_tuned_and_untuned_runs_and_the_log_rewrites_the_tables(
             # a row each in the two optimizer tables, and Adam and SGD in the two ratio tables too
             assert (part.count("| snopt |"), part.count("| adam |"), part.count("| sgd |")) == (2, 4, 4)
             assert "- snopt: validation NLL lowest at iteration" in part
-        adam = 0.01 if ds == "wine" else 0.003
+        adam = 0.003 if ds == "breast_cancer" else 0.01
         assert (f"Settings: snopt lr 0.03 (eps 0.01, kl_clip 0.003, update_freq 25), adam lr {adam:g}, sgd lr 0.1."
                 in parts[0])
         assert "Settings: snopt lr 0.05 (eps 0.05, kl_clip off, update_freq 25), adam lr 0.01, sgd lr 0.05." in parts[1]
         for png in ("tuned", "untuned_no_trust_region", "untuned_kl_clip_1em3"):
             assert (out / f"cnf_tabular_{ds}_{png}.png").is_file()
-    assert text.count("**kept**") == 6 and "| cnf_breast_cancer | adam | 0.003 |" in text  # the tuning section
+    assert text.count("**kept**") == 9 and "| cnf_breast_cancer | adam | 0.003 |" in text  # the tuning section
     logged = [json.loads(ln) for ln in gzip.decompress((out / "cnf_tabular_cpu_runs.jsonl.gz").read_bytes())
               .decode().splitlines()]
-    assert len(logged) == len(asked) == 13
+    assert len(logged) == len(asked) == 19
     # the log alone rewrites the same tables, training nothing; foreign runs in it are left out
     extra = {**logged[1], "config": {**logged[1]["config"], "lr": 0.5}}  # Adam at another rate
     log = tmp_path / "runs.jsonl"
@@ -96,7 +98,7 @@ def test_no_tuning_rows_is_refused(tabular: ModuleType, tmp_path: Path, monkeypa
     rows_file = tmp_path / "tuning.json"
     rows_file.write_text(json.dumps([r for r in _tuning_rows() if r["task"] == "cnf_wine"]))
     monkeypatch.setattr(tabular, "TUNING_JSON", rows_file)
-    with pytest.raises(SystemExit, match="no tuning rows for cnf_wine, cnf_breast_cancer"):
+    with pytest.raises(SystemExit, match="no tuning rows for cnf_wine, cnf_breast_cancer, cnf_old_faithful"):
         tabular.main(["--out", str(tmp_path)])
 
 
