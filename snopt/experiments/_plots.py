@@ -4,6 +4,7 @@ Drawn with matplotlib's object interface on an Agg canvas (no pyplot, no global 
 switch, no display needed).
 """
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -14,12 +15,42 @@ def _nan(values: Sequence[float | None]) -> list[float]:
 
 
 COLORS = {"snopt": "tab:red", "adam": "tab:blue", "sgd": "tab:green", "newton-cg": "tab:purple"}
+SPIKE_FACTOR = 3.0
+
+
+def symlog_threshold(curves: Sequence[Sequence[float | None]]) -> float | None:
+    """Where an NLL axis should turn logarithmic, or None for a linear axis.
+
+    An NLL (the CNF's loss and metric) can be negative, so it gets no log axis; but one run's
+    transient spike or blow-up (tens to millions of nats) flattens every other curve on a linear
+    axis. So where the curves climb above their starting values by more than `SPIKE_FACTOR` times
+    the distance training descended, the axis becomes symmetric-log, linear up to the starting
+    values and logarithmic beyond them.
+
+    Args:
+        curves: One sequence of values per run, in evaluation order (None or non-finite: skipped).
+
+    Returns:
+        The linear threshold (the largest absolute starting or lowest value), or None.
+    """
+    finite = [[float(v) for v in c if v is not None and math.isfinite(v)] for c in curves]
+    finite = [c for c in finite if c]
+    if not finite:
+        return None
+    start = max(c[0] for c in finite)
+    low = min(min(c) for c in finite)
+    top = max(max(c) for c in finite)
+    if top - start <= SPIKE_FACTOR * max(start - low, 1e-12):
+        return None
+    return max(abs(start), abs(low), 1e-3)
 
 
 def plot_comparison(runs: Sequence[dict[str, Any]], path: str | Path, *, title: str | None = None) -> list[Path]:
     """Six panels: train loss and test metric vs wall-clock (top) and vs iteration (bottom), NFE and step time.
 
-    One colour per optimizer, one line per seed; dashed lines mark the targets.
+    One colour per optimizer, one line per seed; dashed lines mark the targets. Cross-entropy
+    losses are on a log axis; NLL axes turn symmetric-log where one run's spike would flatten
+    the other curves (`symlog_threshold`).
 
     Args:
         runs: Records from `snopt.experiments._runner.train`.
@@ -31,6 +62,7 @@ def plot_comparison(runs: Sequence[dict[str, Any]], path: str | Path, *, title: 
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import FormatStrFormatter, SymmetricalLogLocator
 
     fig = Figure(figsize=(15, 8.5))
     FigureCanvasAgg(fig)
@@ -54,6 +86,15 @@ def plot_comparison(runs: Sequence[dict[str, Any]], path: str | Path, *, title: 
         axes[0, 2].plot(hist["iteration"], hist["nfe_forward"], color=color, alpha=0.6, lw=1.0, label=label)
         axes[0, 2].plot(hist["iteration"], hist["nfe_backward"], color=color, alpha=0.6, lw=1.0, ls=":")
         axes[1, 2].plot(hist["iteration"], hist["step_time"], color=color, alpha=0.5, lw=0.8, label=label)
+    if metric != "accuracy":  # NLL: a symmetric-log axis where a spike would flatten the other curves
+        for key, pair in (("train_loss", (axes[0, 0], axes[1, 0])), ("test_metric", (axes[0, 1], axes[1, 1]))):
+            threshold = symlog_threshold([r["evals"][key] for r in runs])
+            for ax in pair:
+                if threshold is not None:
+                    ax.set_yscale("symlog", linthresh=threshold)
+                    ax.yaxis.set_major_locator(SymmetricalLogLocator(base=10, linthresh=threshold,
+                                                                     subs=(1.0, 2.0, 5.0)))
+                    ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
     s = first["summary"]
     for ax in (axes[0, 0], axes[1, 0]):
         ax.axhline(s["target_loss"], color="grey", ls="--", lw=0.8)
@@ -84,4 +125,4 @@ def plot_comparison(runs: Sequence[dict[str, Any]], path: str | Path, *, title: 
     return [out]
 
 
-__all__ = ["COLORS", "plot_comparison"]
+__all__ = ["COLORS", "SPIKE_FACTOR", "plot_comparison", "symlog_threshold"]
