@@ -14,18 +14,22 @@ standardised, with a validation split (the test NLL at the best validation NLL i
 alongside the final one, since these small tables overfit).
 """
 
+import math
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from snopt.adjoint._odeint import odeint
+from snopt.adjoint._solve import SolverError
 from snopt.data import TOY_NAMES, TabularSplit, load_tabular, load_toy, sample_toy
 from snopt.experiments._common import EpochSampler, Resolved, RunConfig, Task, TaskDefaults
 from snopt.nn._cnf import CNFField, cnf_log_density
 from snopt.nn._ode_block import ODEBlock
 
 TABLES = ("wine", "breast_cancer", "old_faithful")
+DENSITY_GRID = 48  # points per axis of a 2-D CNF's density grid in the record
+DENSITY_POINTS = 500  # test points kept beside it
 CNF_DATASETS = (*TOY_NAMES, *TABLES)
 
 
@@ -222,4 +226,42 @@ class CNFTask(Task):
         return out
 
 
-__all__ = ["CNF_DATASETS", "TABLES", "CNFModel", "CNFTask", "cnf_defaults"]
+    def final_outputs(self, grid: int = DENSITY_GRID, points: int = DENSITY_POINTS) -> dict[str, Any]:
+        """For 2-D data: the learned density on a grid over the data, and a sample of test points.
+
+        ``{"density": {"x": [grid], "y": [grid], "log_p": [grid][grid] (rows: y), "points": [[x1, x2], ...]}}``:
+        log p (nats) by the exact divergence at the evaluation tolerance, over the box that holds the
+        training and test points with a 10 % margin on each side; ``log_p`` is None at a point where the
+        solve failed or the value is not finite (a diverged flow). ``{}`` for data of other dimension.
+
+        Args:
+            grid: Points per axis.
+            points: Most data points kept for the plot's data panel (the test points first, then training ones).
+        """
+        if self.x_train.shape[1] != 2:
+            return {}
+        data = torch.cat([self.x_train, self.x_test]).detach().double().cpu()
+        lo, hi = data.min(0).values, data.max(0).values
+        pad = 0.1 * (hi - lo).clamp_min(1e-6)
+        axes = [torch.linspace(float(lo[i] - pad[i]), float(hi[i] + pad[i]), grid) for i in range(2)]
+        yy, xx = torch.meshgrid(axes[1], axes[0], indexing="ij")
+        pts = torch.stack([xx.reshape(-1), yy.reshape(-1)], 1).to(self.x_train.dtype).to(self.device)
+        field = self.model.field
+        div = field.divergence
+        field.divergence = "exact"
+        try:
+            with torch.no_grad():
+                logp = torch.cat([self.model(pts[s:s + 1000], rtol=self.eval_tol[0], atol=self.eval_tol[1])
+                                  for s in range(0, len(pts), 1000)]).double().cpu().reshape(grid, grid)
+        except SolverError:
+            logp = torch.full((grid, grid), float("nan"), dtype=torch.float64)
+        finally:
+            field.divergence = div
+        sample = torch.cat([self.x_test, self.x_train])[:points].detach().double().cpu()
+        return {"density": {
+            "x": [round(float(v), 5) for v in axes[0]], "y": [round(float(v), 5) for v in axes[1]],
+            "log_p": [[round(float(v), 4) if math.isfinite(float(v)) else None for v in row] for row in logp],
+            "points": [[round(float(a), 4), round(float(b), 4)] for a, b in sample]}}
+
+
+__all__ = ["CNF_DATASETS", "DENSITY_GRID", "DENSITY_POINTS", "TABLES", "CNFModel", "CNFTask", "cnf_defaults"]

@@ -323,6 +323,13 @@ class Task(ABC):
     def evaluate(self) -> dict[str, float]:
         """Evaluate without grad; keys ``train_loss`` and ``test_metric`` at least."""
 
+    def final_outputs(self) -> dict[str, Any]:
+        """What the trained model shows beyond the evaluations, for the record (e.g. a 2-D CNF's density grid).
+
+        Called once, after training; ``{}`` for tasks with nothing to add.
+        """
+        return {}
+
     def solve_stats(self) -> list[SolveStats]:
         """The NFE counters of the latest forward/backward pass (one per ODE block)."""
         return [m.stats for m in self.model.modules() if isinstance(m, ODEBlock)]

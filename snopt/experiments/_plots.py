@@ -125,4 +125,62 @@ def plot_comparison(runs: Sequence[dict[str, Any]], path: str | Path, *, title: 
     return [out]
 
 
-__all__ = ["COLORS", "SPIKE_FACTOR", "plot_comparison", "symlog_threshold"]
+def plot_densities(runs: Sequence[dict[str, Any]], path: str | Path, *, title: str | None = None) -> list[Path]:
+    """A 2-D CNF's learned densities beside its data: one panel per optimizer (its lowest seed's run).
+
+    Every panel shares one colour scale (density, not log-density, so the panels compare mass
+    where the data are); each names its final test NLL. Runs without a ``"density"`` in their
+    record (other tasks, data of another dimension, diverged runs, older records) are left out.
+
+    Args:
+        runs: Records from `snopt.experiments._runner.train`.
+        path: The PNG file to write.
+        title: Figure title (default: task, data set and seed).
+
+    Returns:
+        The written file, or ``[]`` when no run has a density (nothing is written).
+    """
+    chosen: dict[str, dict[str, Any]] = {}
+    for r in sorted((r for r in runs if r.get("density")), key=lambda r: int(r["config"]["seed"])):
+        chosen.setdefault(r["config"]["optimizer"], r)
+    if not chosen:
+        return []
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    first = next(iter(chosen.values()))
+    dens = first["density"]
+    fig = Figure(figsize=(3.6 * (len(chosen) + 1) + 1.0, 4.0), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(chosen) + 1, squeeze=False)[0]
+    pts = dens["points"]
+    axes[0].scatter([p[0] for p in pts], [p[1] for p in pts], s=4, alpha=0.5, color="black")
+    axes[0].set_title(f"data ({len(pts)} points)")
+    grids = {name: [[math.exp(v) if v is not None else math.nan for v in row] for row in r["density"]["log_p"]]
+             for name, r in chosen.items()}
+    vmax = max((v for g in grids.values() for row in g for v in row if math.isfinite(v)), default=1.0)
+    image = None
+    for ax, (name, r) in zip(axes[1:], chosen.items(), strict=True):
+        d = r["density"]
+        x, y = d["x"], d["y"]
+        image = ax.imshow(grids[name], origin="lower", extent=(x[0], x[-1], y[0], y[-1]), aspect="auto",
+                          cmap="viridis", vmin=0.0, vmax=vmax)
+        final = r["evals"]["test_metric"][-1]
+        ax.set_title(f"{name} (lr {r['resolved']['lr']:g}): test NLL "
+                     + ("n/a" if final is None else f"{final:.3f}"), color=COLORS.get(name, "black"))
+    for ax in axes:
+        ax.set_xlim(dens["x"][0], dens["x"][-1])
+        ax.set_ylim(dens["y"][0], dens["y"][-1])
+        ax.set_xlabel("x₁")
+    axes[0].set_ylabel("x₂")
+    if image is not None:
+        fig.colorbar(image, ax=list(axes[1:]), label="learned density p(x)")
+    fig.suptitle(title or f"{first['task']['name']} / {first['task']['dataset']}: learned density after "
+                 f"{first['summary']['iterations_done']} iterations, seed {first['config']['seed']}")
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=90)
+    return [out]
+
+
+__all__ = ["COLORS", "SPIKE_FACTOR", "plot_comparison", "plot_densities", "symlog_threshold"]

@@ -283,7 +283,8 @@ def train(cfg: RunConfig, *, quiet: bool = True, checkpoint: str | Path | None =
 
     Returns:
         ``{"config", "resolved", "machine", "task", "history", "evals", "memory", "diverged",
-        "resumed_at", "stopped_at_targets", "summary"}``; see `summarize` for the summary's keys.
+        "resumed_at", "stopped_at_targets", "summary"}``, and the task's `final_outputs` where the run
+        did not diverge (a 2-D CNF's ``"density"``); see `summarize` for the summary's keys.
 
     Raises:
         ValueError: If `checkpoint` holds another configuration's run, or `checkpoint_every` < 1.
@@ -440,6 +441,8 @@ def _train(cfg: RunConfig, *, quiet: bool, checkpoint: Path | None, checkpoint_e
         "resumed_at": resumed,
         "stopped_at_targets": stopped,
     }
+    if diverged is None:  # a diverged model's field may no longer be solvable at the evaluation tolerance
+        result.update(task.final_outputs())
     result["summary"] = summarize(result)
     return result
 
@@ -699,8 +702,9 @@ def compare(base: RunConfig, optimizers: Sequence[str], seeds: Sequence[int], *,
                                  "table": table}, indent=1))
         files.append(str(p))
         if plots:
-            from snopt.experiments._plots import plot_comparison
+            from snopt.experiments._plots import plot_comparison, plot_densities
             files.extend(str(f) for f in plot_comparison(runs, out / f"{stem}_curves.png"))
+            files.extend(str(f) for f in plot_densities(runs, out / f"{stem}_density.png"))
     if echo:
         echo(table)
     return {"runs": runs, "aggregate": agg, "ratios": ratios, "table": table, "files": files, "trained": trained}
