@@ -29,7 +29,7 @@ from snopt.nn._ode_block import ODEBlock
 
 TABLES = ("wine", "breast_cancer", "old_faithful")
 DENSITY_GRID = 48  # points per axis of a 2-D CNF's density grid in the record
-DENSITY_POINTS = 500  # test points kept beside it
+DENSITY_POINTS = 500  # data points kept beside it (test points first)
 CNF_DATASETS = (*TOY_NAMES, *TABLES)
 
 
@@ -225,9 +225,8 @@ class CNFTask(Task):
             field.divergence = div
         return out
 
-
     def final_outputs(self, grid: int = DENSITY_GRID, points: int = DENSITY_POINTS) -> dict[str, Any]:
-        """For 2-D data: the learned density on a grid over the data, and a sample of test points.
+        """For 2-D data: the learned density on a grid over the data, and the data points beside it.
 
         ``{"density": {"x": [grid], "y": [grid], "log_p": [grid][grid] (rows: y), "points": [[x1, x2], ...]}}``:
         log p (nats) by the exact divergence at the evaluation tolerance, over the box that holds the
