@@ -88,11 +88,12 @@ TASKS: dict[str, RunConfig] = {
 }
 # Tuned with the same protocol: the three tasks above, and Fashion-MNIST on its `fast` preset (a 10k/2k subset,
 # 300 iterations), whose full-data benchmark is benchmarks/run_fashion.py.
-# The CNF on real tables (benchmarks/run_cnf_tabular.py) is tuned per table: its presets are the picks of these rows.
+# The CNF on real tables (benchmarks/run_cnf_tabular.py) is tuned per table, as the task ``cnf_<table>``: its presets
+# are the picks of these rows. The tables share their starting grids (below).
+CNF_TABLES = ("wine", "breast_cancer", "old_faithful")
+TABLE_TASKS = tuple(f"cnf_{t}" for t in CNF_TABLES)
 TUNING_TASKS: dict[str, RunConfig] = {**TASKS, "fashion": RunConfig(task="fashion", threads=1),
-                                      "cnf_wine": RunConfig(task="cnf", dataset="wine", threads=1),
-                                      "cnf_breast_cancer": RunConfig(task="cnf", dataset="breast_cancer", threads=1),
-                                      "cnf_old_faithful": RunConfig(task="cnf", dataset="old_faithful", threads=1)}
+                                      **{f"cnf_{t}": RunConfig(task="cnf", dataset=t, threads=1) for t in CNF_TABLES}}
 NOTES: dict[str, str] = {
     "timeseries": "Each optimizer trains the whole GRU-ODE (the authors' scripts instead train the GRU and the head "
                   "with Adam for every optimizer: `--preset paper`). SNOpt's factors for the ODE layers integrate "
@@ -129,16 +130,13 @@ LR_GRIDS: dict[str, dict[str, list[float]]] = {
     "timeseries": {"snopt": [0.03, 0.1, 0.3], "adam": [0.003, 0.01, 0.03], "sgd": [0.1, 0.3, 1.0]},
     "cnf": {"snopt": [0.003, 0.01, 0.03], "adam": [0.01, 0.03, 0.1], "sgd": [0.03, 0.1, 0.3]},
     "fashion": {"snopt": [0.1, 0.3, 1.0], "adam": [0.001, 0.003, 0.01], "sgd": [0.01, 0.03, 0.1]},
-    "cnf_wine": {"snopt": [0.01, 0.03, 0.1], "adam": [0.003, 0.01, 0.03], "sgd": [0.01, 0.03, 0.1]},
-    "cnf_breast_cancer": {"snopt": [0.01, 0.03, 0.1], "adam": [0.003, 0.01, 0.03], "sgd": [0.01, 0.03, 0.1]},
-    "cnf_old_faithful": {"snopt": [0.01, 0.03, 0.1], "adam": [0.003, 0.01, 0.03], "sgd": [0.01, 0.03, 0.1]},
+    **{t: {"snopt": [0.01, 0.03, 0.1], "adam": [0.003, 0.01, 0.03], "sgd": [0.01, 0.03, 0.1]} for t in TABLE_TASKS},
 }
 EPS_GRID = [0.003, 0.01, 0.03, 0.1]
 # Where a task starts from another eps grid. The tables' CNF: at eps 0.003 SNOpt's first breast-cancer runs blew up
 # (test NLL 1e5-8e6 nats) and took 4-5 minutes each, as the stiff flow's evaluations at rtol 1e-5 grew; the extension
 # still reaches 0.003 if 0.01 is best.
-EPS_GRIDS: dict[str, list[float]] = {"cnf_wine": [0.01, 0.03, 0.1], "cnf_breast_cancer": [0.01, 0.03, 0.1],
-                                     "cnf_old_faithful": [0.01, 0.03, 0.1]}
+EPS_GRIDS: dict[str, list[float]] = {t: [0.01, 0.03, 0.1] for t in TABLE_TASKS}
 MAX_EXTEND = 2
 MAX_ROUNDS = 3  # of the (lr, eps) / kl_clip coordinate descent
 LADDER = sorted(round(m * 10.0 ** k, 12) for k in range(-6, 3) for m in (1, 3))
@@ -148,7 +146,7 @@ TARGET_RATIO = 0.5
 # CNF runs without it: see NOTES). The search moves along the ladder from here, like lr and eps.
 # The tables start at 1e-3: untuned, SNOpt overfitted breast-cancer without one (cnf_tabular_cpu.md, "Untuned").
 CLIP_START: dict[str, float | None] = {"digits": 1e-3, "timeseries": 3e-3, "cnf": None, "fashion": 1e-3,
-                                       "cnf_wine": 1e-3, "cnf_breast_cancer": 1e-3, "cnf_old_faithful": 1e-3}
+                                       **dict.fromkeys(TABLE_TASKS, 1e-3)}
 AXES = ("lr", "eps", "kl_clip")
 Setting = tuple[str, float, float | None, float | None]  # (optimizer, lr, SNOpt's eps or None, its kl_clip or None)
 

@@ -45,6 +45,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from run_applications import (  # noqa: E402
+    CNF_TABLES,
     OPTIMIZERS,
     RESULTS,
     TUNING_JSON,
@@ -61,7 +62,7 @@ from run_applications import (  # noqa: E402
 from snopt.experiments import RunConfig, plot_comparison  # noqa: E402
 from snopt.experiments._runner import config_key, quiet_warnings, run, tabulate  # noqa: E402
 
-DATASETS = ("wine", "breast_cancer", "old_faithful")
+DATASETS = CNF_TABLES
 SIZES = {"wine": "178 rows, 13 dimensions", "breast_cancer": "569 rows, 30 dimensions",
          "old_faithful": "272 rows, 2 dimensions, waiting times dequantised"}
 TUNING_TASK = {ds: f"cnf_{ds}" for ds in DATASETS}  # keys of run_applications.TUNING_TASKS
