@@ -14,7 +14,9 @@ standardised, with a validation split (the test NLL at the best validation NLL i
 alongside the final one, since these small tables overfit).
 """
 
+import contextlib
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -211,18 +213,24 @@ class CNFTask(Task):
             total += float(logp.detach().sum())
         return -total / len(x)
 
-    def evaluate(self) -> dict[str, float]:
-        """Training, validation (tables) and test NLL with the exact divergence at the evaluation tolerance."""
+    @contextlib.contextmanager
+    def _exact_divergence(self) -> Iterator[None]:
+        """No grad, and the field's exact divergence (whatever training uses) until the block exits."""
         field = self.model.field
         div = field.divergence
         field.divergence = "exact"
         try:
             with torch.no_grad():
-                out = {"train_loss": self._nll(self.x_train), "test_metric": self._nll(self.x_test)}
-                if len(self.x_val):
-                    out["val_metric"] = self._nll(self.x_val)
+                yield
         finally:
             field.divergence = div
+
+    def evaluate(self) -> dict[str, float]:
+        """Training, validation (tables) and test NLL with the exact divergence at the evaluation tolerance."""
+        with self._exact_divergence():
+            out = {"train_loss": self._nll(self.x_train), "test_metric": self._nll(self.x_test)}
+            if len(self.x_val):
+                out["val_metric"] = self._nll(self.x_val)
         return out
 
     def final_outputs(self, grid: int = DENSITY_GRID, points: int = DENSITY_POINTS) -> dict[str, Any]:
@@ -245,17 +253,12 @@ class CNFTask(Task):
         axes = [torch.linspace(float(lo[i] - pad[i]), float(hi[i] + pad[i]), grid) for i in range(2)]
         yy, xx = torch.meshgrid(axes[1], axes[0], indexing="ij")
         pts = torch.stack([xx.reshape(-1), yy.reshape(-1)], 1).to(self.x_train.dtype).to(self.device)
-        field = self.model.field
-        div = field.divergence
-        field.divergence = "exact"
         try:
-            with torch.no_grad():
+            with self._exact_divergence():
                 logp = torch.cat([self.model(pts[s:s + 1000], rtol=self.eval_tol[0], atol=self.eval_tol[1])
                                   for s in range(0, len(pts), 1000)]).double().cpu().reshape(grid, grid)
         except SolverError:
             logp = torch.full((grid, grid), float("nan"), dtype=torch.float64)
-        finally:
-            field.divergence = div
         sample = torch.cat([self.x_test, self.x_train])[:points].detach().double().cpu()
         return {"density": {
             "x": [round(float(v), 5) for v in axes[0]], "y": [round(float(v), 5) for v in axes[1]],
