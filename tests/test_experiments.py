@@ -335,6 +335,28 @@ def test_the_record_says_how_often_the_trust_region_bound(optimizer: str, kl_cli
         assert agg["trust_region_active"]["mean"] == active
 
 
+@pytest.mark.parametrize(("given", "expected"), [(None, "increment"), ("step", "step"), ("increment", "increment")])
+def test_snopt_kl_clip_scope_reaches_the_optimizer_and_the_record(given: str | None, expected: str) -> None:
+    # The digits preset bounds each increment (KFAC's KL clipping); "step" bounds the whole momentum step.
+    from snopt.experiments._runner import make_stepper, make_task
+
+    cfg = RunConfig(task="digits", optimizer="snopt", snopt_kl_clip_scope=given,
+                    options={"hidden": 4, "eval_train": 50})
+    res = resolve(cfg, task_defaults(cfg))
+    assert res.snopt_kl_clip_scope == expected
+    _, opt = make_stepper(cfg, res, make_task(cfg, res, torch.device("cpu")))
+    assert isinstance(opt, snopt.SNOpt) and opt.kl_clip_scope == expected
+    r = train(replace(cfg, iterations=2, batch_size=16, eval_every=2, snopt_freq=1))
+    assert r["resolved"]["snopt_kl_clip_scope"] == expected
+
+
+def test_snopt_kl_clip_scope_must_be_known() -> None:
+    with pytest.raises(ValueError, match="snopt_kl_clip_scope"):
+        RunConfig(task="digits", snopt_kl_clip_scope="velocity")
+    with pytest.raises(SystemExit):
+        main(["digits", "--snopt-kl-clip-scope", "velocity", "--quiet", "--no-plots"])
+
+
 def test_snopt_kl_clip_must_not_be_negative() -> None:
     with pytest.raises(ValueError, match="snopt_kl_clip"):
         RunConfig(task="digits", snopt_kl_clip=-1.0)

@@ -127,18 +127,25 @@ class DenseEKFAC:
 
 
 def snopt_steps(name: str, *, alpha: float, eps: float, steps: int, lr: float = 1.0, update_freq: int = 2,
-                kl_clip: float | None = None, mutate: str | None = None) -> dict[str, list[float]]:
-    """Run `steps` SNOpt steps over SGD(lr); per layer, the relative error of −Δθ/lr against the dense update.
+                kl_clip: float | None = None, mutate: str | None = None, momentum: float = 0.0,
+                weight_decay: float = 0.0, scope: str = "increment") -> dict[str, list[float]]:
+    """Run `steps` SNOpt steps over SGD(lr, momentum, weight_decay); per layer, the relative error of −Δθ/lr
+    against the dense step.
 
-    With `kl_clip`, every layer's dense update u is scaled by ν = min(1, √(kl_clip / Σ lr²⟨u, ∇W⟩)).
+    The dense step of a layer is its velocity v ← μ·v + (ν_inc·u + wd·θ), θ ← θ − lr·v (SGD's momentum, its
+    weight decay added to the gradient first). With `kl_clip` and ``scope="increment"``, ν_inc = min(1,
+    √(kl_clip / Σ lr²⟨u, ∇W⟩)) scales every layer's u; with ``scope="step"``, ν_inc = 1 and the whole step
+    Δθ = −lr·v is scaled after it is made, v with it: ν = min(1, √(kl_clip / Σ ΔθᵀF̃Δθ)), F̃ = Q diag(m2 + eps) Qᵀ
+    the dense preconditioner after this step's m2 update.
     """
     make, shape = MODELS[name]
     model = make()
     x, y = _data(shape)
-    opt = snopt.SNOpt(model, torch.optim.SGD(model.parameters(), lr=lr), eps=eps, alpha=alpha,
-                      update_freq=update_freq, kl_clip=kl_clip)
+    opt = snopt.SNOpt(model, torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay),
+                      eps=eps, alpha=alpha, update_freq=update_freq, kl_clip=kl_clip, kl_clip_scope=scope)
     refs: dict[str, DenseEKFAC] = {}
     errs: dict[str, list[float]] = {layer.name: [] for layer in opt.layers}
+    velocity: dict[str, Tensor] = {}
     for k in range(steps):
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()  # type: ignore[no-untyped-call]
@@ -162,13 +169,27 @@ def snopt_steps(name: str, *, alpha: float, eps: float, steps: int, lr: float = 
                 kfac = torch.kron(ref.G, ref.A) + eps * torch.eye(ref.q.shape[0], dtype=DT)
                 direct = torch.linalg.solve(kfac, grads[layer.name].reshape(-1)).reshape(grads[layer.name].shape)
                 assert rel_err(expected[layer.name], direct) < 1e-9, layer.name
-        if kl_clip is not None and mutate != "no-clip":
+        if kl_clip is not None and scope == "increment" and mutate != "no-clip":
             vg = sum(lr**2 * float((expected[n] * grads[n]).sum()) for n in expected)
             nu = min(1.0, (kl_clip / vg) ** 0.5)
             expected = {n: nu * u for n, u in expected.items()}
+        for n, u in expected.items():
+            d = u + weight_decay * before[n]
+            velocity[n] = momentum * velocity[n] + d if n in velocity else d
+        if kl_clip is not None and scope == "step" and mutate != "no-clip":
+            quad = 0.0
+            for n, v in velocity.items():
+                step = (lr * v).reshape(-1)
+                quad += float(step @ (refs[n].q @ torch.diag(refs[n].m2 + eps) @ refs[n].q.T) @ step)
+            nu = min(1.0, (kl_clip / quad) ** 0.5)
+            steps_taken = {n: nu * v for n, v in velocity.items()}
+            if mutate != "unclipped-velocity":
+                velocity = steps_taken
+        else:
+            steps_taken = dict(velocity)
         for layer in opt.layers:
             errs[layer.name].append(rel_err((before[layer.name] - weight_matrix(layer.module)) / lr,
-                                            expected[layer.name]))
+                                            steps_taken[layer.name]))
     return errs
 
 
@@ -230,6 +251,8 @@ def test_kl_clip_bounds_the_predicted_change_and_rejects_bad_values() -> None:
     for bad in (0.0, -1.0):
         with pytest.raises(ValueError, match="kl_clip"):
             snopt.SNOpt(model, torch.optim.SGD(model.parameters(), lr=0.1), kl_clip=bad)
+    with pytest.raises(ValueError, match="kl_clip_scope"):
+        snopt.SNOpt(model, torch.optim.SGD(model.parameters(), lr=0.1), kl_clip=1e-3, kl_clip_scope="velocity")
 
 
 def _displacement(name: str, *, lr: float, kl_clip: float | None, full_precond: bool = True,
@@ -277,5 +300,51 @@ def test_the_check_fails_on_a_wrong_reference(mutate: str) -> None:
     # The same comparison against a reference with one planted mistake: it must fail clearly.
     errs = snopt_steps("mlp", alpha=0.75, eps=0.05, steps=4, lr=0.01 if mutate != "no-clip" else 0.1,
                        kl_clip=1e-4 if mutate == "no-clip" else None, mutate=mutate)
+    worst = max(max(e) for e in errs.values())
+    assert worst > 1e-2, errs
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("kl_clip", [1e-6, 1e-3, 1e6])
+@pytest.mark.parametrize("scope", ["increment", "step"])
+def test_trust_region_with_momentum_and_weight_decay_matches_the_dense_step(name: str, kl_clip: float,
+                                                                            scope: str) -> None:
+    # SGD's momentum 0.9 and weight decay 0.01 under both trust regions: "increment" clips each u before the
+    # velocity sums them; "step" clips the whole step lr·v (weight decay included) after it is made and the
+    # velocity with it. 1e-6 and 1e-3 bind on every step of these models (ν 0.004–0.007 and 0.11–0.23 under
+    # either scope, measured), 1e6 never does (then both are plain EKFAC + SGD).
+    errs = snopt_steps(name, alpha=0.75, eps=0.05, steps=4, lr=0.1, kl_clip=kl_clip, momentum=0.9,
+                       weight_decay=0.01, scope=scope)
+    assert max(max(e) for e in errs.values()) < TOL, errs
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_without_momentum_the_step_and_increment_trust_regions_agree(name: str) -> None:
+    # With plain SGD the whole step is −lr·ν·u: the same predicted change Σ lr²⟨u, ∇W⟩ = Σ ΔθᵀF̃Δθ, so the same ν.
+    def run(scope: str) -> tuple[Tensor, list[float]]:
+        make, shape = MODELS[name]
+        model = make()
+        x, y = _data(shape)
+        opt = snopt.SNOpt(model, torch.optim.SGD(model.parameters(), lr=0.1), eps=0.05, update_freq=2,
+                          kl_clip=1e-4, kl_clip_scope=scope)
+        nus = []
+        for _ in range(3):
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()  # type: ignore[no-untyped-call]
+            opt.step()
+            nus.append(opt.last_clip)
+        return torch.cat([p.detach().reshape(-1) for p in model.parameters()]), nus
+
+    (inc, nus_inc), (step, nus_step) = run("increment"), run("step")
+    assert max(nus_inc) < 1.0
+    assert nus_step == pytest.approx(nus_inc, rel=1e-9)
+    assert rel_err(step, inc) < 1e-9
+
+
+@pytest.mark.parametrize("mutate", ["no-clip", "unclipped-velocity"])
+def test_the_step_check_fails_on_a_wrong_reference(mutate: str) -> None:
+    # The whole-step comparison against a reference that does not clip, or clips the step but not the velocity.
+    errs = snopt_steps("mlp", alpha=0.75, eps=0.05, steps=4, lr=0.1, kl_clip=1e-4, momentum=0.9,
+                       weight_decay=0.01, scope="step", mutate=mutate)
     worst = max(max(e) for e in errs.values())
     assert worst > 1e-2, errs

@@ -80,6 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--snopt-alpha", type=float, default=0.75, help="SNOpt second-moment decay")
     p.add_argument("--snopt-kl-clip", type=float, default=None,
                    help="SNOpt trust region on the step (KFAC's KL clipping; 0: off; default: preset's)")
+    p.add_argument("--snopt-kl-clip-scope", choices=("increment", "step"), default=None,
+                   help="what SNOpt's trust region bounds: each preconditioned increment before momentum sums them "
+                        "(increment, KFAC's KL clipping) or the whole step, momentum included (step: a velocity "
+                        "clip; default: preset's)")
     p.add_argument("--snopt-fisher", choices=("empirical", "mc"), default=None,
                    help="SNOpt's statistics: the training loss's backward pass (empirical, the paper) or one with "
                         "labels sampled from the model (mc: Monte-Carlo Fisher, one extra backward per refresh; "
@@ -147,7 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                          batch_size=args.batch_size, eval_every=args.eval_every, lr=lr_all, momentum=args.momentum,
                          weight_decay=args.weight_decay, snopt_eps=args.snopt_eps, snopt_freq=args.snopt_freq,
                          snopt_alpha=args.snopt_alpha, snopt_kl_clip=args.snopt_kl_clip,
-                         snopt_fisher=args.snopt_fisher,
+                         snopt_kl_clip_scope=args.snopt_kl_clip_scope, snopt_fisher=args.snopt_fisher,
                          schedule=args.schedule,
                          target_loss=args.target_loss,
                          target_metric=args.target_metric, device=args.device, threads=threads,

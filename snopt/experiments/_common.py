@@ -35,6 +35,7 @@ Preset = Literal["fast", "paper"]
 PRESETS: tuple[Preset, ...] = ("fast", "paper")
 SCHEDULES = ("constant", "cosine")
 FISHERS = ("empirical", "mc")
+KL_CLIP_SCOPES = ("increment", "step")
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,7 @@ class TaskDefaults:
         snopt_eps: SNOpt's damping eps.
         snopt_freq: SNOpt's `update_freq`.
         snopt_kl_clip: SNOpt's trust region on the step (`SNOpt`'s `kl_clip`; None: off).
+        snopt_kl_clip_scope: What it bounds (`SNOpt`'s `kl_clip_scope`): ``"increment"`` or ``"step"``.
         snopt_fisher: Where SNOpt's factors come from: ``"empirical"`` (the training loss's own
             backward pass, the paper) or ``"mc"`` (a backward pass of the loss against labels
             sampled from the model: Monte-Carlo Fisher; classification tasks only).
@@ -74,6 +76,7 @@ class TaskDefaults:
     snopt_eps: float = 0.05
     snopt_freq: int = 100
     snopt_kl_clip: float | None = None
+    snopt_kl_clip_scope: str = "increment"
     snopt_fisher: str = "empirical"
     schedule: str = "constant"
     ode_only: bool = False
@@ -106,6 +109,7 @@ class RunConfig:
         snopt_freq: SNOpt `update_freq` (None: the preset's).
         snopt_alpha: SNOpt second-moment decay.
         snopt_kl_clip: SNOpt trust region `kl_clip` (None: the preset's; 0: off).
+        snopt_kl_clip_scope: What the trust region bounds, ``"increment"`` or ``"step"`` (None: the preset's).
         snopt_fisher: SNOpt statistics, ``"empirical"`` or ``"mc"`` (None: the preset's).
         schedule: ``"constant"`` or ``"cosine"`` learning rates (None: the preset's).
         ode_only: Train only the ODE blocks with `optimizer`, the rest with Adam at `lr2`
@@ -135,6 +139,7 @@ class RunConfig:
     snopt_freq: int | None = None
     snopt_alpha: float = 0.75
     snopt_kl_clip: float | None = None
+    snopt_kl_clip_scope: str | None = None
     snopt_fisher: str | None = None
     schedule: str | None = None
     ode_only: bool | None = None
@@ -161,6 +166,9 @@ class RunConfig:
             raise ValueError(f"Unknown schedule {self.schedule!r}; choose one of {SCHEDULES}.")
         if self.snopt_fisher is not None and self.snopt_fisher not in FISHERS:
             raise ValueError(f"Unknown snopt_fisher {self.snopt_fisher!r}; choose one of {FISHERS}.")
+        if self.snopt_kl_clip_scope is not None and self.snopt_kl_clip_scope not in KL_CLIP_SCOPES:
+            raise ValueError(f"Unknown snopt_kl_clip_scope {self.snopt_kl_clip_scope!r}; choose one of "
+                             f"{KL_CLIP_SCOPES}.")
         if self.snopt_kl_clip is not None and self.snopt_kl_clip < 0:
             raise ValueError(f"`snopt_kl_clip` must be ≥ 0 (0: off); got {self.snopt_kl_clip}.")
         if self.momentum is not None and not 0 <= self.momentum < 1:
@@ -201,6 +209,7 @@ class Resolved:
     snopt_eps: float
     snopt_freq: int
     snopt_kl_clip: float | None
+    snopt_kl_clip_scope: str
     snopt_fisher: str
     schedule: str
     target_loss: float
@@ -236,6 +245,7 @@ def resolve(cfg: RunConfig, defaults: TaskDefaults) -> Resolved:
         snopt_eps=cfg.snopt_eps if cfg.snopt_eps is not None else defaults.snopt_eps,
         snopt_freq=cfg.snopt_freq or defaults.snopt_freq,
         snopt_kl_clip=(defaults.snopt_kl_clip if cfg.snopt_kl_clip is None else cfg.snopt_kl_clip or None),
+        snopt_kl_clip_scope=cfg.snopt_kl_clip_scope or defaults.snopt_kl_clip_scope,
         snopt_fisher=cfg.snopt_fisher or defaults.snopt_fisher,
         schedule=cfg.schedule or defaults.schedule,
         target_loss=cfg.target_loss if cfg.target_loss is not None else defaults.target_loss,

@@ -170,7 +170,8 @@ def make_stepper(cfg: RunConfig, res: Resolved, task: Task) -> tuple[Stepper, to
     else:
         base = torch.optim.SGD(params, lr=res.lr, momentum=res.momentum, weight_decay=res.weight_decay)
         opt = SNOpt(model, base, eps=res.snopt_eps, update_freq=res.snopt_freq, alpha=cfg.snopt_alpha,
-                    full_precond=not res.ode_only, kl_clip=res.snopt_kl_clip)
+                    full_precond=not res.ode_only, kl_clip=res.snopt_kl_clip,
+                    kl_clip_scope=res.snopt_kl_clip_scope)
     mc = opt if isinstance(opt, SNOpt) and res.snopt_fisher == "mc" else None  # Monte-Carlo Fisher statistics
     if mc is not None and task.metric != "accuracy":
         raise ValueError(f"snopt_fisher='mc' needs a classification task (labels sampled from the softmax); "
@@ -424,7 +425,8 @@ def _train(cfg: RunConfig, *, quiet: bool, checkpoint: Path | None, checkpoint_e
         "config": cfg.to_dict(),
         "resolved": {"iterations": res.iterations, "batch_size": res.batch_size, "eval_every": res.eval_every,
                      "lr": res.lr, "snopt_eps": res.snopt_eps, "snopt_freq": res.snopt_freq,
-                     "snopt_kl_clip": res.snopt_kl_clip, "snopt_fisher": res.snopt_fisher,
+                     "snopt_kl_clip": res.snopt_kl_clip, "snopt_kl_clip_scope": res.snopt_kl_clip_scope,
+                     "snopt_fisher": res.snopt_fisher,
                      "schedule": res.schedule,
                      "target_loss": res.target_loss, "target_metric": res.target_metric, "ode_only": res.ode_only,
                      "lr2": res.lr2, "weight_decay": res.weight_decay, "momentum": res.momentum,

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from snopt._checks import ADAPTIVE_METHODS
 from snopt.curvature._collector import FactorCollector
-from snopt.curvature._eigen import CurvatureWarning, EigenBasis, eigenbasis, init_second_moment, precondition_
+from snopt.curvature._eigen import CurvatureWarning, EigenBasis, eigenbasis, init_second_moment, precondition_, rotate
 from snopt.curvature._layers import set_weight_grad_matrix, weight_grad_matrix
 from snopt.nn._ode_block import ODEBlock
 from snopt.optim._distributed import make_distributed
@@ -66,6 +66,15 @@ class SNOpt(torch.optim.Optimizer):
             Where it binds (ν < 1), lr·ν = √(kl_clip / Σ⟨u, ∇W⟩): the step does not depend on lr,
             which then only scales the parameters outside the Kronecker layers (and weight decay).
             None (the paper's algorithm): no clipping. The last ν is in `last_clip`.
+        kl_clip_scope: What the trust region bounds. ``"increment"`` (above; KFAC's KL clipping):
+            each preconditioned increment, before the base optimizer's momentum sums them, so
+            with momentum μ a steady step's predicted change can reach kl_clip / (1 − μ)².
+            ``"step"``: the whole step the base optimizer takes on the Kronecker layers,
+            momentum and weight decay included. After the base step, Δθ (their [W, b] change)
+            is measured; where q = Σ ΔθᵀF̃Δθ > kl_clip they are moved back to θ + ν·Δθ with
+            ν = √(kl_clip / q), and SGD's momentum buffers of those parameters are scaled by ν
+            too, so the velocity carried forward is the step taken (a velocity clip). Other
+            parameters' steps are left as the base optimizer made them.
 
     Raises:
         ValueError: On invalid hyper-parameters, or a model with nothing to precondition.
@@ -79,9 +88,12 @@ class SNOpt(torch.optim.Optimizer):
     def __init__(self, model: nn.Module, base: torch.optim.Optimizer, *, eps: float = 0.05, update_freq: int = 100,
                  alpha: float = 0.75, full_precond: bool = True, damping: float = 0.0,
                  time_sharing: str = "expand", sampling: str = "steps", grid_h: float = 0.01,
-                 distributed: bool | None = None, kl_clip: float | None = None) -> None:
+                 distributed: bool | None = None, kl_clip: float | None = None,
+                 kl_clip_scope: str = "increment") -> None:
         if kl_clip is not None and not kl_clip > 0:
             raise ValueError(f"Invalid kl_clip: {kl_clip} (must be > 0, or None for no clipping)")
+        if kl_clip_scope not in ("increment", "step"):
+            raise ValueError(f"Invalid kl_clip_scope: {kl_clip_scope!r} (must be 'increment' or 'step')")
         if not eps > 0:
             raise ValueError(f"Invalid eps: {eps} (must be > 0)")
         if not 0.0 <= alpha <= 1.0:
@@ -102,6 +114,7 @@ class SNOpt(torch.optim.Optimizer):
         self.update_freq = update_freq
         self.damping = damping
         self.kl_clip = kl_clip
+        self.kl_clip_scope = kl_clip_scope
         super().__init__(base.param_groups, {"snopt_eps": eps, "snopt_alpha": alpha})
         self.param_groups = base.param_groups
         owned = {id(p) for g in self.param_groups for p in g["params"]}
@@ -201,31 +214,73 @@ class SNOpt(torch.optim.Optimizer):
             return loss
         if self._k % self.update_freq == 0:
             self._refresh()
-        updates: list[tuple[nn.Module, Tensor]] = []
-        vg_sum = 0.0
+        updates: list[tuple[_Layer, Tensor, Tensor]] = []  # (layer, ∇W, u)
         for layer in self.layers:
             st = self.state[layer.weight]
             if "m2" not in st or layer.weight.grad is None:
                 continue
-            basis = EigenBasis(U_A=st["U_A"], U_G=st["U_G"], lam_A=st["lam_A"], lam_G=st["lam_G"])
             group = self._group_of(layer.weight)
             grad_mat = weight_grad_matrix(layer.module)
-            update = precondition_(grad_mat, basis, st["m2"],
+            update = precondition_(grad_mat, self._basis(layer), st["m2"],
                                    alpha=float(group["snopt_alpha"]), eps=float(group["snopt_eps"]),
                                    scale=float(st["batch_size"]))
-            if self.kl_clip is not None:
-                vg_sum += float(group["lr"]) ** 2 * float((update * grad_mat).sum())
-            updates.append((layer.module, update))
-        nu = 1.0
-        if self.kl_clip is not None and vg_sum > self.kl_clip:
-            nu = (self.kl_clip / vg_sum) ** 0.5
-        self.last_clip = nu
-        for module, update in updates:
-            set_weight_grad_matrix(module, update if nu == 1.0 else update * nu)
-        self.base.step()
+            updates.append((layer, grad_mat, update))
+        if self.kl_clip is not None and self.kl_clip_scope == "step":
+            self._clipped_base_step(updates)
+        else:
+            self._increment_clipped_base_step(updates)
         self._k += 1
         self._set_collecting(self._k % self.update_freq == 0)
         return loss
+
+    def _basis(self, layer: _Layer) -> EigenBasis:
+        st = self.state[layer.weight]
+        return EigenBasis(U_A=st["U_A"], U_G=st["U_G"], lam_A=st["lam_A"], lam_G=st["lam_G"])
+
+    def _quad(self, layer: _Layer, d: Tensor) -> float:
+        """dᵀF̃d for a [W, b] matrix d under the layer's preconditioner F̃ = Q diag(m2 + eps) Qᵀ."""
+        eps = float(self._group_of(layer.weight)["snopt_eps"])
+        return float((rotate(d, self._basis(layer)).square() * (self.state[layer.weight]["m2"] + eps)).sum())
+
+    def _increment_clipped_base_step(self, updates: list[tuple[_Layer, Tensor, Tensor]]) -> None:
+        # ⟨u, ∇W⟩ = uᵀF̃u: each increment −lr·u is bounded before the base optimizer sums them
+        nu = 1.0
+        if self.kl_clip is not None:
+            vg_sum = sum(float(self._group_of(layer.weight)["lr"]) ** 2 * float((update * grad_mat).sum())
+                         for layer, grad_mat, update in updates)
+            if vg_sum > self.kl_clip:
+                nu = (self.kl_clip / vg_sum) ** 0.5
+        self.last_clip = nu
+        for layer, _, update in updates:
+            set_weight_grad_matrix(layer.module, update if nu == 1.0 else update * nu)
+        self.base.step()
+
+    def _clipped_base_step(self, updates: list[tuple[_Layer, Tensor, Tensor]]) -> None:
+        # the whole step of the Kronecker layers, momentum and weight decay included, is bounded after it is made
+        assert self.kl_clip is not None
+        layers = [layer for layer, _, _ in updates]
+        for layer, _, update in updates:
+            set_weight_grad_matrix(layer.module, update)
+        params = [p for layer in layers for p in (layer.module.weight, layer.module.bias) if isinstance(p, Tensor)]
+        before = [p.detach().clone() for p in params]
+        self.base.step()
+        start = dict(zip(map(id, params), before, strict=True))
+        q = 0.0
+        for layer in layers:
+            w, b = layer.module.weight, layer.module.bias
+            assert isinstance(w, Tensor)
+            d = (w - start[id(w)]).reshape(w.shape[0], -1)
+            if isinstance(b, Tensor):
+                d = torch.cat([d, (b - start[id(b)]).reshape(-1, 1)], dim=1)
+            q += self._quad(layer, d)
+        nu = (self.kl_clip / q) ** 0.5 if q > self.kl_clip else 1.0
+        self.last_clip = nu
+        if nu < 1.0:
+            for p, p0 in zip(params, before, strict=True):
+                p.copy_(p0.lerp_(p, nu))
+                buf = self.base.state.get(p, {}).get("momentum_buffer")
+                if isinstance(buf, Tensor):
+                    buf.mul_(nu)
 
     @property
     def collecting(self) -> bool:
