@@ -129,8 +129,7 @@ class DenseEKFAC:
 def snopt_steps(name: str, *, alpha: float, eps: float, steps: int, lr: float = 1.0, update_freq: int = 2,
                 kl_clip: float | None = None, mutate: str | None = None, momentum: float = 0.0,
                 weight_decay: float = 0.0, scope: str = "increment") -> dict[str, list[float]]:
-    """Run `steps` SNOpt steps over SGD(lr, momentum, weight_decay); per layer, the relative error of −Δθ/lr
-    against the dense step.
+    """Per layer, the relative error of −Δθ/lr of `steps` SNOpt steps over SGD(lr, momentum, wd) vs the dense step.
 
     The dense step of a layer is its velocity v ← μ·v + (ν_inc·u + wd·θ), θ ← θ − lr·v (SGD's momentum, its
     weight decay added to the gradient first). With `kl_clip` and ``scope="increment"``, ν_inc = min(1,
