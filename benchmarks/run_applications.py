@@ -92,8 +92,16 @@ TASKS: dict[str, RunConfig] = {
 # are the picks of these rows. The tables share their starting grids (below).
 CNF_TABLES = ("wine", "breast_cancer", "old_faithful")
 TABLE_TASKS = tuple(f"cnf_{t}" for t in CNF_TABLES)
-TUNING_TASKS: dict[str, RunConfig] = {**TASKS, "fashion": RunConfig(task="fashion", threads=1),
-                                      **{f"cnf_{t}": RunConfig(task="cnf", dataset=t, threads=1) for t in CNF_TABLES}}
+# SNOpt with its trust region on the whole step (`kl_clip_scope="step"`, momentum included) is tuned as a task of
+# its own beside each CNF table: SNOpt only, by the same protocol on the same seeds. The table keeps whichever of
+# the two SNOpt picks has the better tuning score (`snopt_pick`). Any task of `_TUNED` whose SNOpt has a trust region
+# can be given a twin here; digits was started and stopped (docs/tuning.md section 9).
+STEP_TASKS = {t: f"{t}_step" for t in TABLE_TASKS}
+_TUNED: dict[str, RunConfig] = {
+    **TASKS, "fashion": RunConfig(task="fashion", threads=1),
+    **{f"cnf_{t}": RunConfig(task="cnf", dataset=t, threads=1) for t in CNF_TABLES}}
+TUNING_TASKS: dict[str, RunConfig] = {
+    **_TUNED, **{twin: replace(_TUNED[t], snopt_kl_clip_scope="step") for t, twin in STEP_TASKS.items()}}
 NOTES: dict[str, str] = {
     "timeseries": "Each optimizer trains the whole GRU-ODE (the authors' scripts instead train the GRU and the head "
                   "with Adam for every optimizer: `--preset paper`). SNOpt's factors for the ODE layers integrate "
@@ -132,11 +140,13 @@ LR_GRIDS: dict[str, dict[str, list[float]]] = {
     "fashion": {"snopt": [0.1, 0.3, 1.0], "adam": [0.001, 0.003, 0.01], "sgd": [0.01, 0.03, 0.1]},
     **{t: {"snopt": [0.01, 0.03, 0.1], "adam": [0.003, 0.01, 0.03], "sgd": [0.01, 0.03, 0.1]} for t in TABLE_TASKS},
 }
+LR_GRIDS.update({twin: {"snopt": LR_GRIDS[t]["snopt"]} for t, twin in STEP_TASKS.items()})
 EPS_GRID = [0.003, 0.01, 0.03, 0.1]
 # Where a task starts from another eps grid. The tables' CNF: at eps 0.003 SNOpt's first breast-cancer runs blew up
 # (test NLL 1e5-8e6 nats) and took 4-5 minutes each, as the stiff flow's evaluations at rtol 1e-5 grew; the extension
 # still reaches 0.003 if 0.01 is best.
 EPS_GRIDS: dict[str, list[float]] = {t: [0.01, 0.03, 0.1] for t in TABLE_TASKS}
+EPS_GRIDS.update({STEP_TASKS[t]: EPS_GRIDS[t] for t in TABLE_TASKS})
 MAX_EXTEND = 2
 MAX_ROUNDS = 3  # of the (lr, eps) / kl_clip coordinate descent
 LADDER = sorted(round(m * 10.0 ** k, 12) for k in range(-6, 3) for m in (1, 3))
@@ -145,8 +155,12 @@ TARGET_RATIO = 0.5
 # SNOpt's trust region `kl_clip` where the protocol starts its search (hand-set before the search existed; the
 # CNF runs without it: see NOTES). The search moves along the ladder from here, like lr and eps.
 # The tables start at 1e-3: untuned, SNOpt overfitted breast-cancer without one (cnf_tabular_cpu.md, "Untuned").
+# On the whole step (momentum 0.9 sums about ten increments, so the step's predicted change is up to 100 times an
+# increment's) the search starts two rungs (×10) higher.
 CLIP_START: dict[str, float | None] = {"digits": 1e-3, "timeseries": 3e-3, "cnf": None, "fashion": 1e-3,
                                        **dict.fromkeys(TABLE_TASKS, 1e-3)}
+CLIP_START.update({twin: round(10 * start, 12) for t, twin in STEP_TASKS.items()
+                   if (start := CLIP_START[t]) is not None})
 AXES = ("lr", "eps", "kl_clip")
 Setting = tuple[str, float, float | None, float | None]  # (optimizer, lr, SNOpt's eps or None, its kl_clip or None)
 
@@ -218,6 +232,29 @@ def best_settings(rows: list[dict[str, Any]]) -> dict[str, Setting]:
         keys = [k for k in by if k[0] == name]
         out[name] = min(keys, key=lambda k: (setting_score(by[k]), k[1], k[2] or 0.0, k[3] or 0.0))
     return out
+
+
+def snopt_pick(rows: list[dict[str, Any]], task: str) -> tuple[Setting, str]:
+    """A task's SNOpt pick and its trust region's scope: the better-scoring of `task`'s and its `STEP_TASKS` task's.
+
+    Args:
+        rows: Tuning rows (those of other tasks are ignored).
+        task: A key of `STEP_TASKS`.
+
+    Returns:
+        ``(setting, scope)``: the kept SNOpt setting, and ``"increment"`` or ``"step"``. Without rows of the step
+        task (a tuning from before it existed), `task`'s own pick and ``"increment"``.
+    """
+    picks = []
+    for scope, name in (("increment", task), ("step", STEP_TASKS[task])):
+        mine = [r for r in rows if r["task"] == name and r["optimizer"] == "snopt"]
+        if mine:
+            kept = best_settings(mine)["snopt"]
+            picks.append((setting_score(_by_setting(mine)[kept]), scope == "step", kept, scope))
+    if not picks:
+        raise ValueError(f"no SNOpt tuning rows for {task!r}")
+    _, _, kept, scope = min(picks)
+    return kept, scope
 
 
 def extensions(rows: list[dict[str, Any]], name: str, extended: dict[str, int],
@@ -387,7 +424,10 @@ def tuning_seeds(p: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[
 
 TASK_WORDS = {"digits": "digits", "timeseries": "time series", "cnf": "CNF", "fashion": "Fashion-MNIST",
               "cnf_wine": "CNF on wine", "cnf_breast_cancer": "CNF on breast-cancer",
-              "cnf_old_faithful": "CNF on Old Faithful"}
+              "cnf_old_faithful": "CNF on Old Faithful",
+              "cnf_wine_step": "CNF on wine, SNOpt's whole-step trust region",
+              "cnf_breast_cancer_step": "CNF on breast-cancer, SNOpt's whole-step trust region",
+              "cnf_old_faithful_step": "CNF on Old Faithful, SNOpt's whole-step trust region"}
 
 
 def _clip_words(clip: float | None) -> str:
@@ -1109,7 +1149,8 @@ def task_section(task: str, result: dict[str, Any], seeds: list[int], wall: floa
         f"{res['iterations']} iterations, batch {res['batch_size']}, evaluation every {res['eval_every']} "
         f"iterations (not timed), {d['task']['num_parameters']} parameters, "
         f"options `{json.dumps(res['options'])}`; "
-        f"SNOpt eps {res['snopt_eps']}, update_freq {res['snopt_freq']}, kl_clip {res.get('snopt_kl_clip')}; "
+        f"SNOpt eps {res['snopt_eps']}, update_freq {res['snopt_freq']}, kl_clip {res.get('snopt_kl_clip')}"
+        + (" on the whole step" if res.get("snopt_kl_clip_scope") == "step" else "") + "; "
         f"seeds {seeds}." + ("" if wall is None else f" Wall-clock for this task: {wall:.0f} s."), "",
         *left_out_lines(left_out or []),
         result["table"], "", *v, *([""] + settled if settled else []), *overhead_lines(result),
@@ -1153,9 +1194,10 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     rows: list[dict[str, Any]] = json.loads(TUNING_JSON.read_text()) if TUNING_JSON.exists() else []
     if args.tune or args.tune_only:
-        rows = retune(tasks, rows, args.out, args.jobs, resume=args.resume, quick=args.quick,
-                      seeds=seeds_for_tuning)
-    rows_here = [r for r in rows if r["task"] in TASKS]  # Fashion-MNIST's rows belong to run_fashion.py's table
+        rows = retune([*tasks, *(STEP_TASKS[t] for t in tasks if t in STEP_TASKS)], rows, args.out, args.jobs,
+                      resume=args.resume, quick=args.quick, seeds=seeds_for_tuning)
+    # Fashion-MNIST's rows belong to run_fashion.py's table, the tables' to run_cnf_tabular.py's
+    rows_here = [r for r in rows if r["task"] in (*TASKS, *(STEP_TASKS[t] for t in TASKS if t in STEP_TASKS))]
     if args.tune_only:
         print(tuning_section(rows_here))
         return 0
@@ -1180,9 +1222,13 @@ def main(argv: list[str] | None = None) -> int:
             if args.quick:
                 base = replace(base, iterations=max(10, task_defaults(base).iterations // 3))
             kept = {} if paper else best_settings([r for r in rows if r["task"] == task])
+            scope = "increment"
+            if kept.get("snopt") is not None and task in STEP_TASKS:  # the better of SNOpt's two trust regions
+                kept["snopt"], scope = snopt_pick(rows, task)
             lrs = {name: st[1] for name, st in kept.items()}
             if kept.get("snopt") is not None:
-                base = replace(base, snopt_eps=kept["snopt"][2], snopt_kl_clip=kept["snopt"][3] or 0.0)
+                base = replace(base, snopt_eps=kept["snopt"][2], snopt_kl_clip=kept["snopt"][3] or 0.0,
+                               snopt_kl_clip_scope="step" if scope == "step" else None)
             seeds = args.seeds or (PAPER_SEEDS[task] if paper else [0, 1, 2, 3, 4])
             print(f"[{task}] benchmark, seeds {seeds}, settings {kept or args.preset + ' preset'} ...", flush=True)
             t0 = time.perf_counter()

@@ -48,6 +48,7 @@ from run_applications import (  # noqa: E402
     CNF_TABLES,
     OPTIMIZERS,
     RESULTS,
+    STEP_TASKS,
     TUNING_JSON,
     add_tuning_options,
     best_settings,
@@ -55,6 +56,7 @@ from run_applications import (  # noqa: E402
     read_log,
     retune,
     run_pool,
+    snopt_pick,
     tuning_section,
     tuning_seeds,
 )
@@ -66,6 +68,7 @@ DATASETS = CNF_TABLES
 SIZES = {"wine": "178 rows, 13 dimensions", "breast_cancer": "569 rows, 30 dimensions",
          "old_faithful": "272 rows, 2 dimensions, waiting times dequantised"}
 TUNING_TASK = {ds: f"cnf_{ds}" for ds in DATASETS}  # keys of run_applications.TUNING_TASKS
+ALL_TASKS = (*TUNING_TASK.values(), *(STEP_TASKS[t] for t in TUNING_TASK.values()))  # with SNOpt's whole-step twins
 # The settings before tuning: lr per optimizer, SNOpt's eps, and SNOpt's trust regions (0.0: off).
 UNTUNED_LR = {"snopt": 0.05, "adam": 0.01, "sgd": 0.05}
 UNTUNED_EPS = 0.05
@@ -81,16 +84,35 @@ def slug(setting: str) -> str:
     return setting.replace(" ", "_").replace("-", "m")
 
 
-def tuned_configs(rows: list[dict[str, Any]], dataset: str, seed: int) -> list[RunConfig]:
-    """One seed's runs at the settings the tuning rows of `dataset` keep (SNOpt's eps and kl_clip on SNOpt only)."""
+def tuned_configs(rows: list[dict[str, Any]], dataset: str, seed: int, scope: str | None = None) -> list[RunConfig]:
+    """One seed's runs at the settings the tuning rows of `dataset` keep (SNOpt's eps and kl_clip on SNOpt only).
+
+    SNOpt's setting: with `scope` None, the better of its two trust-region scopes (`snopt_pick`); with
+    ``"increment"`` or ``"step"``, that scope's own pick (the other one, reported beside it).
+    """
     kept = best_settings([r for r in rows if r["task"] == TUNING_TASK[dataset]])
+    if scope is None:
+        kept["snopt"], scope = snopt_pick(rows, TUNING_TASK[dataset])
+    else:
+        task = TUNING_TASK[dataset] if scope == "increment" else STEP_TASKS[TUNING_TASK[dataset]]
+        kept["snopt"] = best_settings([r for r in rows if r["task"] == task and r["optimizer"] == "snopt"])["snopt"]
     base = RunConfig(task="cnf", dataset=dataset, threads=1, seed=seed)
     out = []
     for name in OPTIMIZERS:
         _, lr, eps, clip = kept[name]
         cfg = replace(base, optimizer=name, lr=lr)  # type: ignore[arg-type]
-        out.append(replace(cfg, snopt_eps=eps, snopt_kl_clip=clip or 0.0) if name == "snopt" else cfg)
+        if name == "snopt":
+            cfg = replace(cfg, snopt_eps=eps, snopt_kl_clip=clip or 0.0, snopt_kl_clip_scope=scope)
+        out.append(cfg)
     return out
+
+
+def other_scope_configs(rows: list[dict[str, Any]], dataset: str, seed: int) -> list[RunConfig]:
+    """SNOpt's run at the pick of the trust-region scope the table did not keep (none before the step was tuned)."""
+    if not any(r["task"] == STEP_TASKS[TUNING_TASK[dataset]] for r in rows):
+        return []
+    other = "increment" if snopt_pick(rows, TUNING_TASK[dataset])[1] == "step" else "step"
+    return [c for c in tuned_configs(rows, dataset, seed, other) if c.optimizer == "snopt"]
 
 
 def untuned_configs(dataset: str, seed: int, clip: float) -> list[RunConfig]:
@@ -99,7 +121,8 @@ def untuned_configs(dataset: str, seed: int, clip: float) -> list[RunConfig]:
     out = []
     for name in OPTIMIZERS:
         cfg = replace(base, optimizer=name, lr=UNTUNED_LR[name])  # type: ignore[arg-type]
-        out.append(replace(cfg, snopt_eps=UNTUNED_EPS, snopt_kl_clip=clip) if name == "snopt" else cfg)
+        out.append(replace(cfg, snopt_eps=UNTUNED_EPS, snopt_kl_clip=clip, snopt_kl_clip_scope="increment")
+                   if name == "snopt" else cfg)  # the scope explicit: a table's preset now keeps "step"
     return out
 
 
@@ -109,8 +132,8 @@ def configs(rows: list[dict[str, Any]], seeds: tuple[int, ...] | list[int]) -> l
     out: dict[str, RunConfig] = {}
     for ds in DATASETS:
         for seed in seeds:
-            for cfg in tuned_configs(rows, ds, seed) + [c for clip in UNTUNED_CLIPS.values()
-                                                        for c in untuned_configs(ds, seed, clip)]:
+            for cfg in tuned_configs(rows, ds, seed) + other_scope_configs(rows, ds, seed) + [
+                    c for clip in UNTUNED_CLIPS.values() for c in untuned_configs(ds, seed, clip)]:
                 out.setdefault(config_key(cfg), cfg)
     return list(out.values())
 
@@ -153,7 +176,8 @@ def _settings_words(runs: list[dict[str, Any]]) -> str:
         res = next((r["resolved"] for r in runs if r["config"]["optimizer"] == name), None)
         if res is None:
             continue
-        extra = (f" (eps {res['snopt_eps']:g}, kl_clip {res['snopt_kl_clip'] or 'off'}, update_freq "
+        whole = " on the whole step" if res.get("snopt_kl_clip_scope") == "step" and res["snopt_kl_clip"] else ""
+        extra = (f" (eps {res['snopt_eps']:g}, kl_clip {res['snopt_kl_clip'] or 'off'}{whole}, update_freq "
                  f"{res['snopt_freq']})" if name == "snopt" else "")
         words.append(f"{name} lr {res['lr']:g}{extra}")
     return ", ".join(words)
@@ -180,7 +204,7 @@ def report(runs: list[dict[str, Any]], rows: list[dict[str, Any]], out: Path, so
     """
     seeds = sorted({r["config"]["seed"] for r in runs})
     res = runs[0]["resolved"]
-    mine = [r for r in rows if r["task"] in TUNING_TASK.values()]
+    mine = [r for r in rows if r["task"] in ALL_TASKS]
     lines = [
         "# CNF on real tabular data (scikit-learn's wine and breast-cancer, R's Old Faithful): SNOpt vs Adam vs SGD",
         "",
@@ -204,6 +228,14 @@ def report(runs: list[dict[str, Any]], rows: list[dict[str, Any]], out: Path, so
         lines += [f"## {ds} ({SIZES[ds]})", ""]
         tuned = runs_of(runs, [c for s in seeds for c in tuned_configs(mine, ds, s)]) if mine else []
         lines += _table(tuned, "### Tuned", f"CNF, {ds}: tuned", f"cnf_tabular_{ds}_tuned.png", out)
+        other = runs_of(runs, [c for s in seeds for c in other_scope_configs(mine, ds, s)]) if mine else []
+        if other:  # SNOpt at the other scope's pick, beside the same Adam and SGD
+            words = "each increment" if other[0]["resolved"].get("snopt_kl_clip_scope", "increment") == "increment" \
+                else "the whole step"
+            lines += _table(other + [r for r in tuned if r["config"]["optimizer"] != "snopt"],
+                            f"### Tuned, SNOpt's trust region on {words} (the scope not kept)",
+                            f"CNF, {ds}: tuned, SNOpt's trust region on {words}",
+                            f"cnf_tabular_{ds}_tuned_other_scope.png", out)
         for setting, clip in UNTUNED_CLIPS.items():
             chosen = runs_of(runs, [c for s in seeds for c in untuned_configs(ds, s, clip)])
             lines += _table(chosen, f"### Untuned, SNOpt with {setting}", f"CNF, {ds}: untuned, SNOpt with {setting}",
@@ -223,16 +255,18 @@ def main(argv: list[str] | None = None) -> int:
                    help="checkpoint every run in DIR; the same command run again continues the interrupted runs")
     p.add_argument("--from-log", type=Path, default=None, help="write the tables from this log; no training")
     add_tuning_options(p, "about 90 minutes")
+    p.add_argument("--tasks", nargs="+", choices=ALL_TASKS, default=None, metavar="TASK",
+                   help=f"with --tune: retune only these tuning tasks (default: all of {', '.join(ALL_TASKS)})")
     args = p.parse_args(argv)
     seeds_for_tuning = tuning_seeds(p, args)  # checked before anything runs
     quiet_warnings()
     args.out.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = json.loads(TUNING_JSON.read_text()) if TUNING_JSON.exists() else []
     if args.tune or args.tune_only:
-        rows = retune(list(TUNING_TASK.values()), rows, args.out, args.jobs, resume=args.resume,
-                      seeds=seeds_for_tuning)
+        rows = retune(args.tasks or [*TUNING_TASK.values(), *STEP_TASKS.values()], rows, args.out, args.jobs,
+                      resume=args.resume, seeds=seeds_for_tuning)
     if args.tune_only:
-        print(tuning_section([r for r in rows if r["task"] in TUNING_TASK.values()], f"{COMMAND} --tune"))
+        print(tuning_section([r for r in rows if r["task"] in ALL_TASKS], f"{COMMAND} --tune"))
         return 0
     if not {r["task"] for r in rows} >= set(TUNING_TASK.values()):
         raise SystemExit(f"no tuning rows for {', '.join(TUNING_TASK.values())} in {TUNING_JSON}: run with --tune")

@@ -25,8 +25,17 @@ def _body(text: str) -> list[str]:
 
 def _tuning_rows() -> list[dict[str, Any]]:
     """Synthetic tuning rows of the three tables: the kept settings are SNOpt (0.03, 0.01, kl_clip 0.003), SGD 0.1, and
-    Adam 0.01 on wine and Old Faithful (the untuned rate: one run serves both settings) but 0.003 on breast-cancer."""
+    Adam 0.01 on wine and Old Faithful (the untuned rate: one run serves both settings) but 0.003 on breast-cancer.
+
+    SNOpt's whole-step twins: on Old Faithful its pick (0.1, 0.03, kl_clip 0.01) beats the table's own SNOpt, so the
+    table keeps it; on wine it loses; breast-cancer has none (a record from before the twins).
+    """
     rows = []
+    for ds, nlls in (("old_faithful", (9.0, 9.5)), ("wine", (10.5, 11.0))):
+        for seed in (100, 101, 102):
+            for (lr, eps), nll in zip(((0.1, 0.03), (0.03, 0.03)), nlls, strict=True):
+                rows.append({"task": f"cnf_{ds}_step", "optimizer": "snopt", "lr": lr, "eps": eps, "kl_clip": 0.01,
+                             "seed": seed, "metric": "nll", "diverged": False, "final_test_metric": nll})
     for ds, adam in (("wine", 0.01), ("breast_cancer", 0.003), ("old_faithful", 0.01)):
         for seed in (100, 101, 102):
             for opt, lr, eps, clip, nll in (("snopt", 0.03, 0.01, 0.003, 10.0), ("snopt", 0.1, 0.01, 0.003, 12.0),
@@ -52,37 +61,47 @@ def test_tuned_and_untuned_runs_and_the_log_rewrites_the_tables(
     monkeypatch.setattr(tabular, "run", tiny)
     out = tmp_path / "out"
     assert tabular.main(["--seeds", "0", "--jobs", "1", "--out", str(out)]) == 0
-    # per data set: the tuned runs at the kept settings (explicit, SNOpt's eps and kl_clip on SNOpt only), then
-    # the untuned SNOpt without and with the trust region, Adam and SGD, each configuration once
-    tuned = {"wine": [("snopt", 0.03, 0.01, 0.003), ("adam", 0.01, None, None), ("sgd", 0.1, None, None)],
-             "breast_cancer": [("snopt", 0.03, 0.01, 0.003), ("adam", 0.003, None, None), ("sgd", 0.1, None, None)],
-             "old_faithful": [("snopt", 0.03, 0.01, 0.003), ("adam", 0.01, None, None), ("sgd", 0.1, None, None)]}
-    untuned = {"wine": [("snopt", 0.05, 0.05, 0.0), ("sgd", 0.05, None, None), ("snopt", 0.05, 0.05, 0.001)],
-               "old_faithful": [("snopt", 0.05, 0.05, 0.0), ("sgd", 0.05, None, None), ("snopt", 0.05, 0.05, 0.001)],
-               "breast_cancer": [("snopt", 0.05, 0.05, 0.0), ("adam", 0.01, None, None), ("sgd", 0.05, None, None),
-                                 ("snopt", 0.05, 0.05, 0.001)]}
-    assert [(c.dataset, c.optimizer, c.lr, c.snopt_eps, c.snopt_kl_clip) for c in asked] == [
+    # per data set: the tuned runs at the kept settings (explicit, SNOpt's eps, kl_clip and scope on SNOpt only),
+    # SNOpt at the pick of the scope not kept, then the untuned SNOpt without and with the trust region, Adam and
+    # SGD, each configuration once
+    inc, step = ("snopt", 0.03, 0.01, 0.003, "increment"), ("snopt", 0.1, 0.03, 0.01, "step")
+    tuned = {"wine": [inc, ("adam", 0.01, None, None, None), ("sgd", 0.1, None, None, None), step],
+             "breast_cancer": [inc, ("adam", 0.003, None, None, None), ("sgd", 0.1, None, None, None)],
+             "old_faithful": [step, ("adam", 0.01, None, None, None), ("sgd", 0.1, None, None, None), inc]}
+    untuned = {ds: [("snopt", 0.05, 0.05, 0.0, "increment"), ("sgd", 0.05, None, None, None),
+                    ("snopt", 0.05, 0.05, 0.001, "increment")] for ds in ("wine", "old_faithful")}
+    untuned["breast_cancer"] = [("snopt", 0.05, 0.05, 0.0, "increment"), ("adam", 0.01, None, None, None),
+                                ("sgd", 0.05, None, None, None), ("snopt", 0.05, 0.05, 0.001, "increment")]
+    assert [(c.dataset, c.optimizer, c.lr, c.snopt_eps, c.snopt_kl_clip, c.snopt_kl_clip_scope) for c in asked] == [
         (ds, *k) for ds in ("wine", "breast_cancer", "old_faithful") for k in tuned[ds] + untuned[ds]]
     text = (out / "cnf_tabular_cpu.md").read_text()
     for ds in ("wine", "breast_cancer", "old_faithful"):
         section = text.split(f"## {ds} (")[1].split("\n## ")[0]
         parts = section.split("### ")[1:]
+        other = {"wine": ["Tuned, SNOpt's trust region on the whole step (the scope not kept)"], "breast_cancer": [],
+                 "old_faithful": ["Tuned, SNOpt's trust region on each increment (the scope not kept)"]}[ds]
         assert [p.split("\n")[0] for p in parts] == [
-            "Tuned", "Untuned, SNOpt with no trust region", "Untuned, SNOpt with kl_clip 1e-3"]
+            "Tuned", *other, "Untuned, SNOpt with no trust region", "Untuned, SNOpt with kl_clip 1e-3"]
         for part in parts:  # each table: its SNOpt, Adam and SGD runs
             # a row each in the two optimizer tables, and Adam and SGD in the two ratio tables too
             assert (part.count("| snopt |"), part.count("| adam |"), part.count("| sgd |")) == (2, 4, 4)
             assert "- snopt: validation NLL lowest at iteration" in part
         adam = 0.003 if ds == "breast_cancer" else 0.01
-        assert (f"Settings: snopt lr 0.03 (eps 0.01, kl_clip 0.003, update_freq 25), adam lr {adam:g}, sgd lr 0.1."
-                in parts[0])
-        assert "Settings: snopt lr 0.05 (eps 0.05, kl_clip off, update_freq 25), adam lr 0.01, sgd lr 0.05." in parts[1]
-        for png in ("tuned", "untuned_no_trust_region", "untuned_kl_clip_1em3"):
+        words = {"inc": "snopt lr 0.03 (eps 0.01, kl_clip 0.003, update_freq 25)",
+                 "step": "snopt lr 0.1 (eps 0.03, kl_clip 0.01 on the whole step, update_freq 25)"}
+        kept, *not_kept = ["step", "inc"] if ds == "old_faithful" else ["inc", "step"] if other else ["inc"]
+        assert f"Settings: {words[kept]}, adam lr {adam:g}, sgd lr 0.1." in parts[0]
+        for scope, part in zip(not_kept, parts[1:], strict=False):
+            assert f"Settings: {words[scope]}, adam lr {adam:g}, sgd lr 0.1." in part
+        assert ("Settings: snopt lr 0.05 (eps 0.05, kl_clip off, update_freq 25), adam lr 0.01, sgd lr 0.05."
+                in parts[1 + len(other)])
+        for png in ("tuned", "untuned_no_trust_region", "untuned_kl_clip_1em3") + (("tuned_other_scope",) if other
+                                                                                    else ()):
             assert (out / f"cnf_tabular_{ds}_{png}.png").is_file()
-    assert text.count("**kept**") == 9 and "| cnf_breast_cancer | adam | 0.003 |" in text  # the tuning section
+    assert text.count("**kept**") == 11 and "| cnf_breast_cancer | adam | 0.003 |" in text  # the tuning section
     logged = [json.loads(ln) for ln in gzip.decompress((out / "cnf_tabular_cpu_runs.jsonl.gz").read_bytes())
               .decode().splitlines()]
-    assert len(logged) == len(asked) == 19
+    assert len(logged) == len(asked) == 21
     # the log alone rewrites the same tables, training nothing; foreign runs in it are left out
     extra = {**logged[1], "config": {**logged[1]["config"], "lr": 0.5}}  # Adam at another rate
     log = tmp_path / "runs.jsonl"
