@@ -94,8 +94,8 @@ CNF_TABLES = ("wine", "breast_cancer", "old_faithful")
 TABLE_TASKS = tuple(f"cnf_{t}" for t in CNF_TABLES)
 # SNOpt with its trust region on the whole step (`kl_clip_scope="step"`, momentum included) is tuned as a task of
 # its own beside each CNF table: SNOpt only, by the same protocol on the same seeds. The table keeps whichever of
-# the two SNOpt picks has the better tuning score (`snopt_pick`). Any task of `_TUNED` whose SNOpt has a trust region
-# can be given a twin here; digits was started and stopped (docs/tuning.md section 9).
+# the two SNOpt picks has the better tuning score (`snopt_pick`); run_cnf_tabular.py reports both. The applications'
+# own tasks have none (digits was started and stopped, JapaneseVowels probed: docs/tuning.md section 9).
 STEP_TASKS = {t: f"{t}_step" for t in TABLE_TASKS}
 _TUNED: dict[str, RunConfig] = {
     **TASKS, "fashion": RunConfig(task="fashion", threads=1),
@@ -234,6 +234,22 @@ def best_settings(rows: list[dict[str, Any]]) -> dict[str, Setting]:
     return out
 
 
+def scope_picks(rows: list[dict[str, Any]], task: str) -> dict[str, tuple[Setting, tuple[int, int, float, float]]]:
+    """Each trust-region scope's own SNOpt pick for `task` (a key of `STEP_TASKS`) and its `setting_score`.
+
+    Returns:
+        ``{"increment": (setting, score), "step": (setting, score)}``, holding only the scopes with SNOpt rows
+        (a tuning from before the step twins has no ``"step"``).
+    """
+    out = {}
+    for scope, name in (("increment", task), ("step", STEP_TASKS[task])):
+        mine = [r for r in rows if r["task"] == name and r["optimizer"] == "snopt"]
+        if mine:
+            kept = best_settings(mine)["snopt"]
+            out[scope] = (kept, setting_score(_by_setting(mine)[kept]))
+    return out
+
+
 def snopt_pick(rows: list[dict[str, Any]], task: str) -> tuple[Setting, str]:
     """A task's SNOpt pick and its trust region's scope: the better-scoring of `task`'s and its `STEP_TASKS` task's.
 
@@ -242,19 +258,14 @@ def snopt_pick(rows: list[dict[str, Any]], task: str) -> tuple[Setting, str]:
         task: A key of `STEP_TASKS`.
 
     Returns:
-        ``(setting, scope)``: the kept SNOpt setting, and ``"increment"`` or ``"step"``. Without rows of the step
-        task (a tuning from before it existed), `task`'s own pick and ``"increment"``.
+        ``(setting, scope)``: the kept SNOpt setting, and ``"increment"`` or ``"step"`` (the increment on a tie).
+        Without rows of the step task (a tuning from before it existed), `task`'s own pick and ``"increment"``.
     """
-    picks = []
-    for scope, name in (("increment", task), ("step", STEP_TASKS[task])):
-        mine = [r for r in rows if r["task"] == name and r["optimizer"] == "snopt"]
-        if mine:
-            kept = best_settings(mine)["snopt"]
-            picks.append((setting_score(_by_setting(mine)[kept]), scope == "step", kept, scope))
+    picks = scope_picks(rows, task)
     if not picks:
         raise ValueError(f"no SNOpt tuning rows for {task!r}")
-    _, _, kept, scope = min(picks)
-    return kept, scope
+    scope = min(picks, key=lambda sc: (picks[sc][1], sc == "step"))
+    return picks[scope][0], scope
 
 
 def extensions(rows: list[dict[str, Any]], name: str, extended: dict[str, int],
@@ -1149,8 +1160,7 @@ def task_section(task: str, result: dict[str, Any], seeds: list[int], wall: floa
         f"{res['iterations']} iterations, batch {res['batch_size']}, evaluation every {res['eval_every']} "
         f"iterations (not timed), {d['task']['num_parameters']} parameters, "
         f"options `{json.dumps(res['options'])}`; "
-        f"SNOpt eps {res['snopt_eps']}, update_freq {res['snopt_freq']}, kl_clip {res.get('snopt_kl_clip')}"
-        + (" on the whole step" if res.get("snopt_kl_clip_scope") == "step" else "") + "; "
+        f"SNOpt eps {res['snopt_eps']}, update_freq {res['snopt_freq']}, kl_clip {res.get('snopt_kl_clip')}; "
         f"seeds {seeds}." + ("" if wall is None else f" Wall-clock for this task: {wall:.0f} s."), "",
         *left_out_lines(left_out or []),
         result["table"], "", *v, *([""] + settled if settled else []), *overhead_lines(result),
@@ -1194,10 +1204,9 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     rows: list[dict[str, Any]] = json.loads(TUNING_JSON.read_text()) if TUNING_JSON.exists() else []
     if args.tune or args.tune_only:
-        rows = retune([*tasks, *(STEP_TASKS[t] for t in tasks if t in STEP_TASKS)], rows, args.out, args.jobs,
-                      resume=args.resume, quick=args.quick, seeds=seeds_for_tuning)
-    # Fashion-MNIST's rows belong to run_fashion.py's table, the tables' to run_cnf_tabular.py's
-    rows_here = [r for r in rows if r["task"] in (*TASKS, *(STEP_TASKS[t] for t in TASKS if t in STEP_TASKS))]
+        rows = retune(tasks, rows, args.out, args.jobs, resume=args.resume, quick=args.quick,
+                      seeds=seeds_for_tuning)
+    rows_here = [r for r in rows if r["task"] in TASKS]  # Fashion-MNIST's and the tables' rows have their own tables
     if args.tune_only:
         print(tuning_section(rows_here))
         return 0
@@ -1222,13 +1231,9 @@ def main(argv: list[str] | None = None) -> int:
             if args.quick:
                 base = replace(base, iterations=max(10, task_defaults(base).iterations // 3))
             kept = {} if paper else best_settings([r for r in rows if r["task"] == task])
-            scope = "increment"
-            if kept.get("snopt") is not None and task in STEP_TASKS:  # the better of SNOpt's two trust regions
-                kept["snopt"], scope = snopt_pick(rows, task)
             lrs = {name: st[1] for name, st in kept.items()}
             if kept.get("snopt") is not None:
-                base = replace(base, snopt_eps=kept["snopt"][2], snopt_kl_clip=kept["snopt"][3] or 0.0,
-                               snopt_kl_clip_scope="step" if scope == "step" else None)
+                base = replace(base, snopt_eps=kept["snopt"][2], snopt_kl_clip=kept["snopt"][3] or 0.0)
             seeds = args.seeds or (PAPER_SEEDS[task] if paper else [0, 1, 2, 3, 4])
             print(f"[{task}] benchmark, seeds {seeds}, settings {kept or args.preset + ' preset'} ...", flush=True)
             t0 = time.perf_counter()

@@ -56,6 +56,7 @@ from run_applications import (  # noqa: E402
     read_log,
     retune,
     run_pool,
+    scope_picks,
     snopt_pick,
     tuning_section,
     tuning_seeds,
@@ -94,8 +95,7 @@ def tuned_configs(rows: list[dict[str, Any]], dataset: str, seed: int, scope: st
     if scope is None:
         kept["snopt"], scope = snopt_pick(rows, TUNING_TASK[dataset])
     else:
-        task = TUNING_TASK[dataset] if scope == "increment" else STEP_TASKS[TUNING_TASK[dataset]]
-        kept["snopt"] = best_settings([r for r in rows if r["task"] == task and r["optimizer"] == "snopt"])["snopt"]
+        kept["snopt"] = scope_picks(rows, TUNING_TASK[dataset])[scope][0]
     base = RunConfig(task="cnf", dataset=dataset, threads=1, seed=seed)
     out = []
     for name in OPTIMIZERS:
@@ -109,7 +109,8 @@ def tuned_configs(rows: list[dict[str, Any]], dataset: str, seed: int, scope: st
 
 def other_scope_configs(rows: list[dict[str, Any]], dataset: str, seed: int) -> list[RunConfig]:
     """SNOpt's run at the pick of the trust-region scope the table did not keep (none before the step was tuned)."""
-    if not any(r["task"] == STEP_TASKS[TUNING_TASK[dataset]] for r in rows):
+    picks = scope_picks(rows, TUNING_TASK[dataset])
+    if len(picks) < 2:
         return []
     other = "increment" if snopt_pick(rows, TUNING_TASK[dataset])[1] == "step" else "step"
     return [c for c in tuned_configs(rows, dataset, seed, other) if c.optimizer == "snopt"]
