@@ -209,6 +209,33 @@ def test_fashion_benchmark_trains_the_kept_settings(bench: ModuleType) -> None:
         (1, "sgd", 0.03)]
     assert all(c.snopt_eps == 0.03 and c.snopt_kl_clip == 0.003 and c.task == "fashion"
                and c.options["subset"] is None for c in cfgs)
+    assert all(c.snopt_kl_clip_scope == "increment" for c in cfgs if c.optimizer == "snopt")
+
+    # SNOpt's whole-step twin: its pick replaces the increment's only when its tuning score is better
+    def twin(t: float) -> list[dict[str, Any]]:
+        return [{**_row("snopt", 0.1, 0.01, s, tl=t, tm=t, clip=0.03), "task": "fashion_step"} for s in (100, 101)]
+    for t, expected in ((3.0, ("step", 0.1, 0.01, 0.03)), (4.0, ("increment", 0.3, 0.03, 0.003))):
+        cfgs = fashion.benchmark_configs(rows + twin(t), [0])
+        snopt = [c for c in cfgs if c.optimizer == "snopt"]
+        assert [(c.snopt_kl_clip_scope, c.lr, c.snopt_eps, c.snopt_kl_clip) for c in snopt] == [expected], t
+        assert [(c.optimizer, c.lr) for c in cfgs if c.optimizer != "snopt"] == [("adam", 0.003), ("sgd", 0.03)]
+
+
+def test_fashion_report_says_when_its_snopt_runs_are_not_at_the_tuning_pick(bench: ModuleType) -> None:
+    spec = importlib.util.spec_from_file_location("run_fashion", ROOT / "benchmarks" / "run_fashion.py")
+    assert spec is not None and spec.loader is not None
+    fashion = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fashion)
+    rows = [{**_row("snopt", 0.3, 0.03, s, tl=4.0, tm=4.0, clip=0.001), "task": "fashion"} for s in (100, 101)]
+    old = {"config": {"optimizer": "snopt"}, "resolved": {"lr": 0.3, "snopt_eps": 0.03, "snopt_kl_clip": 0.001}}
+    assert fashion.stale_lines([old], rows) == []  # a record from before the scope was logged: the increment
+    rows += [{**_row("snopt", 0.1, 0.003, s, tl=3.0, tm=3.0, clip=0.01), "task": "fashion_step"} for s in (100, 101)]
+    lines = fashion.stale_lines([old], rows)
+    assert lines and "lr 0.3, eps 0.03, kl_clip 0.001 on the increment" in lines[0]
+    assert "now keeps lr 0.1, eps 0.003, kl_clip 0.01 on the step" in lines[0]
+    new = {"config": {"optimizer": "snopt"},
+           "resolved": {"lr": 0.1, "snopt_eps": 0.003, "snopt_kl_clip": 0.01, "snopt_kl_clip_scope": "step"}}
+    assert fashion.stale_lines([new], rows) == []
 
 
 def test_committed_rows_are_what_the_protocol_runs(bench: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -269,7 +296,7 @@ def test_committed_tuning_sections_are_generated_from_the_record(bench: ModuleTy
     tables = ("cnf_wine", "cnf_breast_cancer", "cnf_old_faithful")
     tables += tuple(bench.STEP_TASKS[t] for t in tables)  # SNOpt's whole-step trust-region twins
     expected = {"applications_cpu.md": bench.tuning_section([r for r in rows if r["task"] in bench.TASKS]),
-                "fashion_cpu.md": fashion.fashion_tuning([r for r in rows if r["task"] == "fashion"]),
+                "fashion_cpu.md": fashion.fashion_tuning([r for r in rows if r["task"] in fashion.FASHION_TASKS]),
                 "cnf_tabular_cpu.md": bench.tuning_section([r for r in rows if r["task"] in tables],
                                                            "python benchmarks/run_cnf_tabular.py --tune")}
     for name, section in expected.items():
