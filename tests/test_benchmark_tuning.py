@@ -221,11 +221,7 @@ def test_fashion_benchmark_trains_the_kept_settings(bench: ModuleType) -> None:
         assert [(c.optimizer, c.lr) for c in cfgs if c.optimizer != "snopt"] == [("adam", 0.003), ("sgd", 0.03)]
 
 
-def test_fashion_report_says_when_its_snopt_runs_are_not_at_the_tuning_pick(bench: ModuleType) -> None:
-    spec = importlib.util.spec_from_file_location("run_fashion", ROOT / "benchmarks" / "run_fashion.py")
-    assert spec is not None and spec.loader is not None
-    fashion = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(fashion)
+def test_fashion_report_says_when_its_snopt_runs_are_not_at_the_tuning_pick(fashion: ModuleType) -> None:
     rows = [{**_row("snopt", 0.3, 0.03, s, tl=4.0, tm=4.0, clip=0.001), "task": "fashion"} for s in (100, 101)]
     old = {"config": {"optimizer": "snopt"}, "resolved": {"lr": 0.3, "snopt_eps": 0.03, "snopt_kl_clip": 0.001}}
     assert fashion.stale_lines([old], rows) == []  # a record from before the scope was logged: the increment
