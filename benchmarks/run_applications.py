@@ -98,9 +98,11 @@ TABLE_TASKS = tuple(f"cnf_{t}" for t in CNF_TABLES)
 # reports both. Digits and the time series have none (digits was started and stopped, JapaneseVowels probed:
 # docs/tuning.md section 9).
 STEP_TASKS = {t: f"{t}_step" for t in (*TABLE_TASKS, "fashion")}
-_TUNED: dict[str, RunConfig] = {
+# A task's own tuning bounds the increment whatever its preset's scope (the tables' presets keep the step's pick),
+# so retuning it after its preset moved to the step still tunes the increment.
+_TUNED: dict[str, RunConfig] = {name: replace(cfg, snopt_kl_clip_scope="increment") for name, cfg in {
     **TASKS, "fashion": RunConfig(task="fashion", threads=1),
-    **{f"cnf_{t}": RunConfig(task="cnf", dataset=t, threads=1) for t in CNF_TABLES}}
+    **{f"cnf_{t}": RunConfig(task="cnf", dataset=t, threads=1) for t in CNF_TABLES}}.items()}
 TUNING_TASKS: dict[str, RunConfig] = {
     **_TUNED, **{twin: replace(_TUNED[t], snopt_kl_clip_scope="step") for t, twin in STEP_TASKS.items()}}
 NOTES: dict[str, str] = {
@@ -152,6 +154,8 @@ MAX_EXTEND = 2
 MAX_ROUNDS = 3  # of the (lr, eps) / kl_clip coordinate descent
 LADDER = sorted(round(m * 10.0 ** k, 12) for k in range(-6, 3) for m in (1, 3))
 TUNING_JSON = RESULTS / "applications_tuning_cpu.json"
+# The two trust-region scopes' picks of a time-criterion task rerun side by side on one host (`pair_scopes`).
+SCOPE_PAIRS_JSON = RESULTS / "scope_pairs_cpu.json"
 TARGET_RATIO = 0.5
 # SNOpt's trust region `kl_clip` where the protocol starts its search (hand-set before the search existed; the
 # CNF runs without it: see NOTES). The search moves along the ladder from here, like lr and eps.
@@ -251,12 +255,15 @@ def scope_picks(rows: list[dict[str, Any]], task: str) -> dict[str, tuple[Settin
     return out
 
 
-def snopt_pick(rows: list[dict[str, Any]], task: str) -> tuple[Setting, str]:
+def snopt_pick(rows: list[dict[str, Any]], task: str,
+               pairs: list[dict[str, Any]] | None = None) -> tuple[Setting, str]:
     """A task's SNOpt pick and its trust region's scope: the better-scoring of `task`'s and its `STEP_TASKS` task's.
 
     Args:
         rows: Tuning rows (those of other tasks are ignored).
         task: A key of `STEP_TASKS`.
+        pairs: Rows of `pair_scopes`: where they hold the two current picks (`paired_scores`), their scores
+            decide, not the tuning's (whose batches ran on other clocks).
 
     Returns:
         ``(setting, scope)``: the kept SNOpt setting, and ``"increment"`` or ``"step"`` (the increment on a tie).
@@ -265,8 +272,82 @@ def snopt_pick(rows: list[dict[str, Any]], task: str) -> tuple[Setting, str]:
     picks = scope_picks(rows, task)
     if not picks:
         raise ValueError(f"no SNOpt tuning rows for {task!r}")
-    scope = min(picks, key=lambda sc: (picks[sc][1], sc == "step"))
+    scores = paired_scores(rows, pairs or [], task) or {sc: picks[sc][1] for sc in picks}
+    scope = min(picks, key=lambda sc: (scores[sc], sc == "step"))
     return picks[scope][0], scope
+
+
+def paired_scores(rows: list[dict[str, Any]], pairs: list[dict[str, Any]],
+                  task: str) -> dict[str, tuple[int, int, float, float]] | None:
+    """The two scopes' picks scored on their side-by-side rerun (`pair_scopes`), or None where it does not apply.
+
+    A time criterion's tuning scores are CPU seconds, and the two scopes' tasks are tuned in separate batches,
+    possibly on different days and hosts: measured on one 2-core host, the increment's pick took 45.0 s on the
+    record's host and 101.6 s on this one, and a run's CPU seconds moved by up to a third with the run beside it
+    (docs/tuning.md section 9). The rerun puts both picks on one clock.
+
+    Args:
+        rows: Tuning rows.
+        pairs: Rows of `pair_scopes` (any tasks; those of other tasks and settings are ignored).
+        task: A key of `STEP_TASKS`.
+
+    Returns:
+        ``{"increment": score, "step": score}`` (`setting_score` over each pick's rerun rows) when `pairs` hold
+        both scopes' current picks on the same seeds; None otherwise (no twin, no rerun, or a rerun of picks that
+        a later tuning replaced).
+    """
+    picks = scope_picks(rows, task)
+    if len(picks) < 2:
+        return None
+    mine = {scope: [p for p in pairs if p["task"] == name and _key(p) == picks[scope][0]]
+            for scope, name in (("increment", task), ("step", STEP_TASKS[task]))}
+    seeds = [sorted(p["seed"] for p in group) for group in mine.values()]
+    if not seeds[0] or seeds[0] != seeds[1] or len(set(seeds[0])) != len(seeds[0]):
+        return None
+    return {scope: setting_score(group) for scope, group in mine.items()}
+
+
+def pair_scopes(task: str, rows: list[dict[str, Any]], *, seeds: tuple[int, ...] = TUNING_SEEDS,
+                run_one: Callable[[str, Setting, int, int | None], dict[str, Any]] | None = None,
+                echo: bool = True) -> list[dict[str, Any]]:
+    """Rerun the two scopes' SNOpt picks of `task` side by side on this host; one row per run (`paired_scores`).
+
+    The runs queue seed by seed, the increment's then the step's, and go two at a time: each pick runs beside
+    the other's runs (a run's CPU time depends on its neighbour), and both on this host's clock.
+
+    Args:
+        task: A key of `STEP_TASKS` whose tuning rows hold both scopes' picks.
+        rows: Tuning rows.
+        seeds: The tuning seeds.
+        run_one: `_tuning_run` (a stand-in in tests).
+        echo: Print a line per run.
+    """
+    picks = scope_picks(rows, task)
+    if len(picks) < 2:
+        raise ValueError(f"{task!r} needs tuning rows of both scopes ({task!r} and {STEP_TASKS[task]!r})")
+    one = run_one or _tuning_run
+    todo = [(name, picks[scope][0], seed) for seed in seeds
+            for scope, name in (("increment", task), ("step", STEP_TASKS[task]))]
+
+    def go(job: tuple[str, Setting, int]) -> dict[str, Any]:
+        row = {**one(job[0], job[1], job[2], None), "paired": True}
+        if echo:
+            print(f"[{job[0]}] paired rerun, seed {job[2]}: {seed_value(row):.1f}", flush=True)
+        return row
+    with ThreadPoolExecutor(2) as ex:
+        return list(ex.map(go, todo))
+
+
+def save_pairs(new: list[dict[str, Any]], out: Path) -> list[dict[str, Any]]:
+    """Write `new` into ``out / SCOPE_PAIRS_JSON.name`` in place of the rows of their tasks; return all rows."""
+    path = out / SCOPE_PAIRS_JSON.name
+    tasks = {r["task"] for r in new}
+    old = json.loads(path.read_text()) if path.exists() else []
+    rows = [r for r in old if r["task"] not in tasks] + new
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(rows, indent=0) + "\n")
+    print(f"wrote {path}")
+    return rows
 
 
 def extensions(rows: list[dict[str, Any]], name: str, extended: dict[str, int],
@@ -311,7 +392,7 @@ def _tuning_run(task: str, setting: Setting, seed: int, iterations: int | None) 
     keep = ("final_test_metric", "target_metric", "cpu_time_to_target_loss", "cpu_time_to_target_metric",
             "train_cpu_time", "mean_step_time")
     return {**row, "metric": r["task"]["metric"], "diverged": r["diverged"] is not None,
-            **{k: s[k] for k in keep}}
+            **{k: s[k] for k in keep}, "host": host_name(r["machine"])}
 
 
 def tune(task: str, iterations: int | None, jobs: int, echo: bool, *,

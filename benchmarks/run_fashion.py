@@ -2,6 +2,7 @@
 
     python benchmarks/run_fashion.py --extra adam=0.003   # the committed table (3 seeds, 2 runs at a time)
     python benchmarks/run_fashion.py --tune          # first rerun the tuning (about 3.5 hours on 2 cores)
+    python benchmarks/run_fashion.py --pair-scopes   # only rerun the two scopes' picks side by side (10 min)
     python benchmarks/run_fashion.py --seeds 0 --jobs 1
     python benchmarks/run_fashion.py --device cuda --jobs 4 --extra adam=0.003 --log runs.jsonl   # on a GPU
     python benchmarks/run_fashion.py --from-log runs.jsonl --device cuda     # the GPU table again, from its runs
@@ -15,7 +16,9 @@ Settings: the learning rates (and SNOpt's damping eps) come from the application
 protocol (`run_applications.tune`: three tuning seeds, none reported; the CPU time to the
 targets decides), run on the ``fast`` preset (a 10k/2k subset, 300 iterations, its targets).
 SNOpt is also tuned with its trust region on the whole step (the task ``fashion_step``, SNOpt only);
-the benchmark runs whichever of the two SNOpt picks scores lower (`snopt_pick`).
+the benchmark runs whichever of the two SNOpt picks scores lower (`snopt_pick`) when the two rerun side
+by side on one host (`--pair-scopes`, part of `--tune`; rows in scope_pairs_cpu.json): the tuning's
+batches of the two ran apart, and CPU seconds differ between hosts and with the run alongside.
 The rows are kept with the other tasks' in benchmarks/results/applications_tuning_cpu.json.
 Runs go `--jobs` at a time (each a fresh one-thread process), so wall-clock is shared between
 two runs; the CPU-time ratios are the fair ones.
@@ -41,6 +44,7 @@ from typing import Any
 from run_applications import (
     OPTIMIZERS,
     RESULTS,
+    SCOPE_PAIRS_JSON,
     STEP_TASKS,
     TUNING_JSON,
     add_tuning_options,
@@ -51,12 +55,16 @@ from run_applications import (
     left_out_lines,
     machine_lines,
     overhead_lines,
+    pair_scopes,
+    paired_scores,
     read_log,
     retune,
     run_longer,
     run_pool,
     runs_from_log,
+    save_pairs,
     scope_picks,
+    seed_value,
     snopt_pick,
     stability_lines,
     tuning_section,
@@ -81,17 +89,20 @@ BASE = RunConfig(task="fashion", threads=1, iterations=1000, eval_every=100, tar
                  options={"subset": None, "test_subset": None})
 
 
-def snopt_setting(rows: list[dict[str, Any]]) -> tuple[float, float, float, str]:
-    """SNOpt's (lr, eps, kl_clip, trust-region scope) that the tuning rows keep: the better of the two scopes."""
-    (_, lr, eps, clip), scope = snopt_pick(rows, "fashion")
+def snopt_setting(rows: list[dict[str, Any]],
+                  pairs: list[dict[str, Any]] | None = None) -> tuple[float, float, float, str]:
+    """SNOpt's (lr, eps, kl_clip, trust-region scope) that the tuning rows keep: the better of the two scopes (on
+    their side-by-side rerun, `pairs`, where it holds the current picks)."""
+    (_, lr, eps, clip), scope = snopt_pick(rows, "fashion", pairs)
     assert eps is not None
     return lr, eps, clip or 0.0, scope
 
 
-def benchmark_configs(rows: list[dict[str, Any]], seeds: list[int]) -> list[RunConfig]:
+def benchmark_configs(rows: list[dict[str, Any]], seeds: list[int],
+                      pairs: list[dict[str, Any]] | None = None) -> list[RunConfig]:
     """The full-data runs: every optimizer with the setting its tuning rows keep, interleaved seed-major."""
     kept = best_settings([r for r in rows if r["task"] == "fashion"])
-    lr, eps, clip, scope = snopt_setting(rows)
+    lr, eps, clip, scope = snopt_setting(rows, pairs)
     kept["snopt"] = ("snopt", lr, eps, clip)
     base = replace(BASE, snopt_eps=eps, snopt_kl_clip=clip, snopt_kl_clip_scope=scope)
     return [replace(base, optimizer=name, lr=kept[name][1], seed=seed)  # type: ignore[arg-type]
@@ -143,21 +154,49 @@ def output_names(runs: list[dict[str, Any]], gpu: bool) -> tuple[str, str]:
     return f"fashion_{tag}.md", f"applications_fashion_{tag}.png"
 
 
-def fashion_tuning(rows: list[dict[str, Any]]) -> str:
-    """The tuning section of Fashion-MNIST's rows (and its SNOpt whole-step twin's), with the scope SNOpt keeps."""
+def _score_words(score: tuple[int, int, float, float]) -> str:
+    return ("diverged" if score[0] == 2 else f"{score[3]:.1f} s" + (f", {score[1]} missed" if score[1] else "")
+            + (", mean final below target" if score[0] == 1 else ""))
+
+
+def fashion_tuning(rows: list[dict[str, Any]], pairs: list[dict[str, Any]] | None = None) -> str:
+    """The tuning section of Fashion-MNIST's rows (and its SNOpt whole-step twin's), with the scope SNOpt keeps and
+    the side-by-side rerun (`pairs`) that decided it."""
     section = tuning_section(rows, "python benchmarks/run_fashion.py --tune")
     picks = scope_picks(rows, "fashion")
     if len(picks) < 2:
         return section
-    scope = snopt_pick(rows, "fashion")[1]
+    scope = snopt_pick(rows, "fashion", pairs)[1]
+    paired = paired_scores(rows, pairs or [], "fashion")
 
     def words(sc: str) -> str:
         (_, lr, eps, clip), score = picks[sc]
-        return f"the {sc}'s pick (lr {lr:g}, eps {eps:g}, kl_clip {clip:g}) scores {score[3]:.1f} s"
-    return (section + "\n\nSNOpt's two trust-region scopes (`fashion` and its whole-step twin `fashion_step`): "
-            + "; ".join(words(sc) for sc in ("increment", "step")) + f". The benchmark runs the {scope}'s, the lower "
-            "score. The scores are CPU seconds: rows run on different days may come from hosts of different speed "
-            "(docs/tuning.md §9 measures the two scopes' picks on one host).")
+        return f"the {sc}'s pick (lr {lr:g}, eps {eps:g}, kl_clip {clip:g}) scores {_score_words(score)}"
+    text = (section + "\n\nSNOpt's two trust-region scopes (`fashion` and its whole-step twin `fashion_step`): "
+            + "; ".join(words(sc) for sc in ("increment", "step")) + ". ")
+    if paired is None:
+        return text + (f"The benchmark runs the {scope}'s, the lower score. These are CPU seconds of batches run "
+                       "apart, maybe on hosts of different speed; no side-by-side rerun of these two picks is recorded "
+                       f"(`python benchmarks/run_fashion.py --pair-scopes` writes one into {SCOPE_PAIRS_JSON.name}).")
+    mine = [p for p in pairs or [] if p["task"] in FASHION_TASKS]
+    hosts = sorted({str(p.get("host", "?")) for p in mine})
+    by_seed = {sc: {p["seed"]: p for p in mine if p["task"] == name and _same(p, picks[sc][0])}
+               for sc, name in (("increment", "fashion"), ("step", "fashion_step"))}
+    seeds = sorted(by_seed["increment"])
+    per_seed = "; ".join(f"seed {s}: {seed_value(by_seed['increment'][s]):.1f} vs {seed_value(by_seed['step'][s]):.1f}"
+                         for s in seeds)
+    ratio = paired["step"][3] / paired["increment"][3] if paired["increment"][3] else math.nan
+    return text + ("Those are CPU seconds of batches run apart, maybe on hosts of different speed, so the two picks "
+                   "were rerun side by side on one host (`python benchmarks/run_fashion.py --pair-scopes`, rows in "
+                   f"{SCOPE_PAIRS_JSON.name}; host {', '.join(hosts)}): increment {_score_words(paired['increment'])}"
+                   f", step {_score_words(paired['step'])} (step ÷ increment {ratio:.2f}; per seed, increment vs "
+                   f"step: {per_seed}). The benchmark runs the {scope}'s, the lower score of that rerun.")
+
+
+def _same(row: dict[str, Any], setting: tuple[str, float, float | None, float | None]) -> bool:
+    def num(k: str) -> float | None:
+        return None if row.get(k) is None else float(row[k])
+    return (row["optimizer"], float(row["lr"]), num("eps"), num("kl_clip")) == setting
 
 
 def evaluation_cost_line(runs: list[dict[str, Any]]) -> str:
@@ -180,12 +219,13 @@ def evaluation_cost_line(runs: list[dict[str, Any]]) -> str:
             "this differs between optimizers, so do the wall-clock ratios")
 
 
-def stale_lines(runs: list[dict[str, Any]], rows: list[dict[str, Any]]) -> list[str]:
+def stale_lines(runs: list[dict[str, Any]], rows: list[dict[str, Any]],
+                pairs: list[dict[str, Any]] | None = None) -> list[str]:
     """A warning when the SNOpt runs are not at the tuning rows' SNOpt pick (the tuning moved after they ran)."""
     res = next(r["resolved"] for r in runs if r["config"]["optimizer"] == "snopt")
     ran = (float(res["lr"]), float(res["snopt_eps"]), float(res["snopt_kl_clip"] or 0.0),
            str(res.get("snopt_kl_clip_scope", "increment")))
-    lr, eps, clip, scope = snopt_setting(rows)
+    lr, eps, clip, scope = snopt_setting(rows, pairs)
     if ran[3] == scope and all(math.isclose(a, b) for a, b in zip(ran[:3], (lr, eps, clip), strict=True)):
         return []
     return [f"**The SNOpt runs above are not at the tuning's current pick:** they ran at lr {ran[0]:g}, eps "
@@ -196,7 +236,8 @@ def stale_lines(runs: list[dict[str, Any]], rows: list[dict[str, Any]]) -> list[
 
 def report(runs: list[dict[str, Any]], mine: list[dict[str, Any]], *, out: Path, seeds: list[int], jobs: int,
            elapsed: float | None, device: str, left_out: list[dict[str, Any]] | None = None,
-           log: Path | None = None, extended: list[dict[str, Any]] | None = None) -> str:
+           log: Path | None = None, extended: list[dict[str, Any]] | None = None,
+           pairs: list[dict[str, Any]] | None = None) -> str:
     """The results file's text (and its plots, written into `out`) from finished runs (`extended`: longer runs that
     settle undetermined verdicts, `--decide`)."""
     main_runs, extra_runs = split_runs(runs)
@@ -226,7 +267,7 @@ def report(runs: list[dict[str, Any]], mine: list[dict[str, Any]], *, out: Path,
         f"{main_runs[0]['task']['num_parameters']} parameters, options `{res['options']}`; SNOpt eps "
         f"{res['snopt_eps']}, update_freq {res['snopt_freq']}, kl_clip {res['snopt_kl_clip']} on the "
         f"{res.get('snopt_kl_clip_scope', 'increment')}; seeds {seeds}.", "",
-        *stale_lines(main_runs, mine), *left_out_lines(left_out or [])]
+        *stale_lines(main_runs, mine, pairs), *left_out_lines(left_out or [])]
     if gpu:
         peak: dict[str, float] = {}
         for r in runs:
@@ -259,7 +300,7 @@ def report(runs: list[dict[str, Any]], mine: list[dict[str, Any]], *, out: Path,
                     if f"÷ {name}" in ln or ln.startswith("- final")],
                   *stability_lines({"runs": group}, cpu_clock=not gpu), "", f"![fashion {name} {lr:g}]({extra_png})",
                   ""]
-    lines += [fashion_tuning(mine), ""]
+    lines += [fashion_tuning(mine, pairs), ""]
     return "\n".join(lines)
 
 
@@ -280,6 +321,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="settle undetermined ≤ 0.5 verdicts by longer runs of the seeds where Adam or SGD missed a "
                         "target SNOpt reached (appended to --log; runs the log already holds are reused)")
     p.add_argument("--iterations", type=int, default=None, help="fewer iterations (a check, not the table)")
+    p.add_argument("--pair-scopes", action="store_true",
+                   help="only rerun SNOpt's two trust-region scopes' picks side by side on this host (6 runs, about "
+                        f"10 minutes on 2 cores) into {SCOPE_PAIRS_JSON.name} and stop; their scores decide the "
+                        "scope. --tune does it too, after tuning")
     add_tuning_options(p, "about 3.5 hours")
     args = p.parse_args(argv)
     seeds_for_tuning = tuning_seeds(p, args)  # checked before anything runs
@@ -287,11 +332,19 @@ def main(argv: list[str] | None = None) -> int:
     quiet_warnings()
     start = time.perf_counter()
     rows: list[dict[str, Any]] = json.loads(TUNING_JSON.read_text()) if TUNING_JSON.exists() else []
-    if args.tune or args.tune_only:
+    if args.tune or (args.tune_only and not args.pair_scopes):
         rows = retune(list(FASHION_TASKS), rows, args.out, args.jobs, resume=args.resume, seeds=seeds_for_tuning)
     mine = [r for r in rows if r["task"] in FASHION_TASKS]
-    if args.tune_only:
-        print(fashion_tuning(mine))
+    pairs_path = next((f for f in (args.out / SCOPE_PAIRS_JSON.name, SCOPE_PAIRS_JSON) if f.exists()), None)
+    pairs: list[dict[str, Any]] = json.loads(pairs_path.read_text()) if pairs_path else []
+    if args.tune or args.tune_only or args.pair_scopes:
+        if len(scope_picks(mine, "fashion")) == 2:
+            pairs = save_pairs(pair_scopes("fashion", mine, seeds=seeds_for_tuning), args.out)
+        elif args.pair_scopes:
+            raise SystemExit(f"--pair-scopes: {TUNING_JSON.name} lacks the rows of both scopes: run with --tune")
+    pairs = [p for p in pairs if p["task"] in FASHION_TASKS]
+    if args.tune_only or args.pair_scopes:
+        print(fashion_tuning(mine, pairs))
         return 0
     if not any(r["task"] == "fashion" for r in mine):
         raise SystemExit(f"no Fashion-MNIST tuning rows in {TUNING_JSON}: run with --tune first")
@@ -303,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
         seeds = sorted({r["config"]["seed"] for r in runs})
         elapsed, args.jobs, source = None, int(runs[0].get("jobs", args.jobs)), args.from_log
     else:
-        kept = benchmark_configs(mine, args.seeds)
+        kept = benchmark_configs(mine, args.seeds, pairs)
         jobs = [(c, False) for c in kept] + [(replace(c, optimizer=name, lr=lr), True)  # type: ignore[arg-type]
                                               for c in kept if c.optimizer == "snopt" for name, lr in extra]
         jobs.sort(key=lambda j: j[0].seed)  # seed-major: an interrupted benchmark still leaves whole seeds
@@ -321,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
         extended += run_longer(plan, extended, args.jobs, args.log, run_one=run, checkpoint_dir=args.checkpoint_dir)
     device = args.device
     text = report(runs, mine, out=args.out, seeds=seeds, jobs=args.jobs, elapsed=elapsed, device=device,
-                  left_out=left_out, log=source, extended=extended)
+                  left_out=left_out, log=source, extended=extended, pairs=pairs)
     name, _ = output_names(split_runs(runs)[0], device != "cpu")
     (args.out / name).write_text(text)
     print(text)

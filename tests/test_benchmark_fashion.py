@@ -57,13 +57,14 @@ def test_extra_runs_log_and_tables_from_the_log(fashion: ModuleType, tmp_path: P
                          "--out", str(out)]) == 0
     # the protocol's three optimizers plus the extra Adam, seed-major
     assert [(c.seed, c.optimizer, c.lr) for c in asked] == [
-        (s, o, lr) for s in (0, 1) for o, lr in (("snopt", 0.3), ("adam", 0.01), ("sgd", 0.03), ("adam", 0.003))]
+        (s, o, lr) for s in (0, 1) for o, lr in (("snopt", 1.0), ("adam", 0.01), ("sgd", 0.03), ("adam", 0.003))]
+    assert {c.snopt_kl_clip_scope for c in asked if c.optimizer == "snopt"} == {"step"}  # the side-by-side pick
     runs = fashion.read_log(log)
     assert len(runs) == 8 and [r["extra"] for r in runs] == [False, False, False, True] * 2
     text = (out / "fashion_cpu.md").read_text()
     main_table, extra_part = text.split("## The same SNOpt runs vs adam at lr 0.003")
     assert "| adam | 0.01 |" in main_table and "| adam | 0.003 |" not in main_table
-    assert "| adam | 0.003 |" in extra_part.split("## Tuning")[0] and "| snopt | 0.3 |" in extra_part
+    assert "| adam | 0.003 |" in extra_part.split("## Tuning")[0] and "| snopt | 1 |" in extra_part
     assert "--extra adam=0.003" in text and (out / "applications_fashion_adam0.003.png").is_file()
 
     again = tmp_path / "again"
@@ -98,7 +99,7 @@ def test_extra_runs_log_and_tables_from_the_log(fashion: ModuleType, tmp_path: P
     assert gpu_text.startswith("# Fashion-MNIST (full 60k / 10k, 28×28): SNOpt vs Adam vs SGD (GPU)")
     assert "- GPU: NVIDIA H100 80GB HBM3;" in gpu_text and "--device cuda --jobs 1 --extra adam=0.003" in gpu_text
     # the most over the two seeds: runs 4..7 are seed 1's (snopt, adam 0.01, sgd, adam 0.003)
-    assert "snopt 0.3 104, adam 0.01 105, sgd 0.03 106, adam 0.003 107." in gpu_text
+    assert "snopt 1 104, adam 0.01 105, sgd 0.03 106, adam 0.003 107." in gpu_text
     assert (gpu_out / "applications_fashion_h100.png").is_file()
     assert (gpu_out / "applications_fashion_h100_adam0.003.png").is_file()
 

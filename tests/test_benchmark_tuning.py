@@ -14,6 +14,8 @@ from typing import Any
 
 import pytest
 
+from snopt.experiments import RunConfig
+from snopt.experiments._common import resolve
 from snopt.experiments._runner import task_defaults
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -144,6 +146,7 @@ def test_tune_searches_lr_again_where_the_trust_region_moved(bench: ModuleType,
 def test_committed_tuning_selects_the_presets(bench: ModuleType) -> None:
     """The benchmark table was measured with the tuned settings; the presets must be the same settings."""
     rows = json.loads(bench.TUNING_JSON.read_text())
+    pairs = json.loads(bench.SCOPE_PAIRS_JSON.read_text())  # Fashion-MNIST's two picks rerun side by side
     tasks = dict.fromkeys(r["task"] for r in rows)
     assert set(tasks) == set(bench.TUNING_TASKS)  # the three tasks, Fashion-MNIST, the CNF tables and their twins
     for task in tasks:
@@ -152,8 +155,8 @@ def test_committed_tuning_selects_the_presets(bench: ModuleType) -> None:
         kept = bench.best_settings([r for r in rows if r["task"] == task])
         defaults = task_defaults(bench.TUNING_TASKS[task])
         scope = "increment"
-        if task in bench.STEP_TASKS:  # a table: SNOpt's pick is the better of its two trust-region scopes
-            kept["snopt"], scope = bench.snopt_pick(rows, task)
+        if task in bench.STEP_TASKS:  # SNOpt's pick is the better of its two trust-region scopes
+            kept["snopt"], scope = bench.snopt_pick(rows, task, pairs)
         assert defaults.snopt_kl_clip_scope == scope, task
         for name, (_, lr, eps, clip) in kept.items():
             assert defaults.lr[name] == pytest.approx(lr), (task, name)
@@ -234,6 +237,99 @@ def test_fashion_report_says_when_its_snopt_runs_are_not_at_the_tuning_pick(fash
     assert fashion.stale_lines([new], rows) == []
 
 
+def test_each_tuning_task_tunes_its_own_scope(bench: ModuleType) -> None:
+    """A task's tuning runs bound the increment, its twin's the whole step, whatever scope the preset now keeps (the
+    CNF tables' presets keep the step's pick: an unpinned retune of `cnf_wine` would have tuned the step twice)."""
+    for task, cfg in bench.TUNING_TASKS.items():
+        scope = resolve(cfg, task_defaults(cfg)).snopt_kl_clip_scope
+        assert scope == ("step" if task in bench.STEP_TASKS.values() else "increment"), task
+    presets = {task_defaults(RunConfig(task="cnf", dataset=t)).snopt_kl_clip_scope for t in bench.CNF_TABLES}
+    fashion = task_defaults(RunConfig(task="fashion")).snopt_kl_clip_scope
+    assert presets == {"step"} == {fashion}  # the presets' scope, which the pin overrides
+
+
+def _scope_rows(inc: float, step: float, *, seeds: tuple[int, ...] = (100, 101), lr: float = 0.3,
+                paired: bool = False) -> list[dict[str, Any]]:
+    """Fashion-MNIST rows of the increment's pick (lr, eps 0.03, clip 1e-3) and the step's (1.0, 1e-3, 1e-2) that
+    take `inc` and `step` CPU seconds to each target."""
+    rows = [{**_row("snopt", lr, 0.03, s, tl=inc, tm=inc, clip=0.001), "task": "fashion"} for s in seeds]
+    rows += [{**_row("snopt", 1.0, 0.001, s, tl=step, tm=step, clip=0.01), "task": "fashion_step"} for s in seeds]
+    return [{**r, "paired": True, "host": "host-a"} for r in rows] if paired else rows
+
+
+def test_the_side_by_side_rerun_decides_the_scope(bench: ModuleType, fashion: ModuleType) -> None:
+    """The tuning prefers the increment (4 s vs 5 s, batches run apart); the rerun of both on one host prefers the
+    step (6 s vs 3 s): the rerun decides, but only while it holds the tuning's current picks on matching seeds."""
+    rows = _scope_rows(4.0, 5.0)
+    assert bench.snopt_pick(rows, "fashion")[1] == "increment"
+    pairs = _scope_rows(6.0, 3.0, paired=True)
+    assert bench.paired_scores(rows, pairs, "fashion") == {"increment": (0, 0, 0.0, 12.0), "step": (0, 0, 0.0, 6.0)}
+    assert bench.snopt_pick(rows, "fashion", pairs) == (("snopt", 1.0, 0.001, 0.01), "step")
+    assert fashion.snopt_setting(rows, pairs) == (1.0, 0.001, 0.01, "step")
+    stale = _scope_rows(6.0, 3.0, lr=1.0, paired=True)  # a rerun of an increment pick the tuning no longer keeps
+    assert bench.paired_scores(rows, stale, "fashion") is None
+    assert bench.snopt_pick(rows, "fashion", stale)[1] == "increment"
+    lopsided = [p for p in pairs if not (p["task"] == "fashion_step" and p["seed"] == 101)]
+    assert bench.paired_scores(rows, lopsided, "fashion") is None  # the two picks must rerun on the same seeds
+    assert bench.paired_scores([r for r in rows if r["task"] == "fashion"], pairs, "fashion") is None  # no twin
+    # the rerun speaks for the two picks it ran, not for the tuning's other settings
+    others = [{**_row(o, lr, None, s, tl=9.0, tm=9.0), "task": "fashion"}
+              for o, lr in (("adam", 0.01), ("sgd", 0.03)) for s in (100, 101)]
+    cfgs = fashion.benchmark_configs(rows + others, [0], pairs)
+    assert [(c.optimizer, c.lr, c.snopt_kl_clip_scope, c.snopt_eps, c.snopt_kl_clip) for c in cfgs] == [
+        ("snopt", 1.0, "step", 0.001, 0.01), ("adam", 0.01, "step", 0.001, 0.01), ("sgd", 0.03, "step", 0.001, 0.01)]
+
+
+def test_pair_scopes_reruns_the_two_picks_seed_by_seed(bench: ModuleType, tmp_path: Path) -> None:
+    rows = _scope_rows(4.0, 5.0) + [{**_row("snopt", 0.1, 0.03, s, tl=8.0, tm=8.0, clip=0.001), "task": "fashion"}
+                                    for s in (100, 101)]
+    calls: list[tuple[Any, ...]] = []
+
+    def fake(task: str, setting: tuple[str, float, float | None, float | None], seed: int,
+             iterations: int | None) -> dict[str, Any]:
+        calls.append((task, setting, seed, iterations))
+        t = 6.0 if task == "fashion" else 3.0
+        return {**_row(*setting[:3], seed, tl=t, tm=t, clip=setting[3]), "task": task, "host": "h"}
+
+    pairs = bench.pair_scopes("fashion", rows, seeds=(100, 101), run_one=fake, echo=False)
+    inc, step = ("snopt", 0.3, 0.03, 0.001), ("snopt", 1.0, 0.001, 0.01)
+    assert sorted(calls, key=lambda c: (c[2], c[0])) == [  # the two picks only, alternating, at the task's iterations
+        ("fashion", inc, 100, None), ("fashion_step", step, 100, None),
+        ("fashion", inc, 101, None), ("fashion_step", step, 101, None)]
+    assert [(p["task"], p["seed"]) for p in pairs] == [("fashion", 100), ("fashion_step", 100), ("fashion", 101),
+                                                      ("fashion_step", 101)]
+    assert all(p["paired"] for p in pairs)
+    assert bench.snopt_pick(rows, "fashion", pairs)[1] == "step"
+    with pytest.raises(ValueError, match="both scopes"):
+        bench.pair_scopes("fashion", [r for r in rows if r["task"] == "fashion"], run_one=fake, echo=False)
+    # saving replaces the rerun of the same tasks and keeps the others'
+    other = [{**pairs[0], "task": "cnf_wine"}]
+    bench.save_pairs(other + pairs, tmp_path)
+    again = [{**p, "seed": p["seed"] + 1} for p in pairs]
+    kept = bench.save_pairs(again, tmp_path)
+    assert kept == other + again == json.loads((tmp_path / bench.SCOPE_PAIRS_JSON.name).read_text())
+
+
+def test_the_fashion_tuning_section_says_what_decided_the_scope(fashion: ModuleType) -> None:
+    rows = _scope_rows(4.0, 5.0)
+    text = fashion.fashion_tuning(rows)
+    assert "The benchmark runs the increment's" in text and "no side-by-side rerun" in text
+    text = fashion.fashion_tuning(rows, _scope_rows(6.0, 3.0, paired=True))
+    assert "increment 12.0 s, step 6.0 s (step ÷ increment 0.50" in text
+    assert "seed 100: 12.0 vs 6.0; seed 101: 12.0 vs 6.0" in text and "host host-a" in text
+    assert "The benchmark runs the step's" in text
+
+
+def test_the_committed_scope_rerun_holds_the_committed_picks(bench: ModuleType) -> None:
+    """The committed rerun is of the tuning's current two Fashion-MNIST picks, on the tuning seeds, on one host."""
+    rows = json.loads(bench.TUNING_JSON.read_text())
+    pairs = json.loads(bench.SCOPE_PAIRS_JSON.read_text())
+    assert bench.paired_scores(rows, pairs, "fashion") is not None
+    mine = [p for p in pairs if p["task"] in ("fashion", "fashion_step")]
+    assert sorted(p["seed"] for p in mine) == sorted(2 * bench.TUNING_SEEDS)
+    assert len({p["host"] for p in mine}) == 1 and all(p["paired"] for p in mine)
+
+
 def test_committed_rows_are_what_the_protocol_runs(bench: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
     """Replaying `tune` on the committed rows asks for exactly those runs: none missing, none extra.
 
@@ -292,7 +388,8 @@ def test_committed_tuning_sections_are_generated_from_the_record(bench: ModuleTy
     tables = ("cnf_wine", "cnf_breast_cancer", "cnf_old_faithful")
     tables += tuple(bench.STEP_TASKS[t] for t in tables)  # SNOpt's whole-step trust-region twins
     expected = {"applications_cpu.md": bench.tuning_section([r for r in rows if r["task"] in bench.TASKS]),
-                "fashion_cpu.md": fashion.fashion_tuning([r for r in rows if r["task"] in fashion.FASHION_TASKS]),
+                "fashion_cpu.md": fashion.fashion_tuning([r for r in rows if r["task"] in fashion.FASHION_TASKS],
+                                                         json.loads(bench.SCOPE_PAIRS_JSON.read_text())),
                 "cnf_tabular_cpu.md": bench.tuning_section([r for r in rows if r["task"] in tables],
                                                            "python benchmarks/run_cnf_tabular.py --tune")}
     for name, section in expected.items():
