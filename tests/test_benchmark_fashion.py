@@ -148,12 +148,13 @@ def test_evaluation_cost_line_divides_step_time_by_evaluations(fashion: ModuleTy
     assert "adam 0.003 2.00 / 3.00" in line
 
 
-@pytest.mark.parametrize(("log_name", "device", "clock"), [("fashion_cpu_runs.jsonl.gz", "cpu", "CPU"),
+@pytest.mark.parametrize(("log_name", "device", "clock"), [("fashion_cpu_increment_runs.jsonl.gz", "cpu", "CPU"),
                                                            ("fashion_h100_runs.jsonl.gz", "cuda", "wall-clock")])
 def test_decide_settles_the_committed_verdicts_on_the_runs_clock(
         fashion: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, log_name: str, device: str,
         clock: str, continue_run: Callable[[dict[str, Any], int], dict[str, Any]]) -> None:
-    # the committed logs: Adam (0.01) and SGD missed targets SNOpt reached; on a GPU the clock is the wall's
+    # the committed logs of the per-increment pick: Adam (0.01) and SGD missed targets SNOpt reached; on a GPU the
+    # clock is the wall's
     protocol = [r for r in fashion.read_log(ROOT / "benchmarks" / "results" / log_name) if not r.get("extended")]
     asked: list[RunConfig] = []
 
@@ -215,14 +216,25 @@ def test_the_benchmark_run_again_with_its_log_reads_the_runs_back(fashion: Modul
                                if ln.startswith("| snopt |")]
 
 
+def test_the_committed_cpu_table_needs_no_longer_runs(bench: ModuleType) -> None:
+    """At the whole-step pick every CPU bound is already below the goal, so `--decide` has nothing to settle."""
+    logged = bench.read_log(ROOT / "benchmarks" / "results" / "fashion_cpu_runs.jsonl.gz")
+    runs, left_out, extended = bench.runs_from_log(logged)
+    assert not left_out and not extended
+    protocol = [r for r in runs if not r.get("extra")]
+    assert len(protocol) == 9 and bench.decide_plan(protocol) == []
+    # and the plan is not empty for want of misses: Adam and SGD missed targets that SNOpt reached
+    assert any(r["diverged"] for r in protocol if r["config"]["optimizer"] in ("adam", "sgd"))
+
+
 def test_the_committed_longer_runs_on_another_host_are_timed_at_the_protocol_hosts_speed(bench: ModuleType) -> None:
-    # The --decide runs of fashion_cpu_runs.jsonl.gz ran on another host: they do not repeat the protocol runs,
+    # The --decide runs of fashion_cpu_increment_runs.jsonl.gz (the per-increment pick's table) ran on another host: they do not repeat the protocol runs,
     # so each is timed by its own function evaluations at its protocol run's CPU cost per evaluation, and the
     # two that diverged (and the one that reached the loss target) inside the protocol's 1000 iterations settle
     # nothing.
     from snopt.experiments._runner import summarize
 
-    logged = bench.read_log(ROOT / "benchmarks" / "results" / "fashion_cpu_runs.jsonl.gz")
+    logged = bench.read_log(ROOT / "benchmarks" / "results" / "fashion_cpu_increment_runs.jsonl.gz")
     runs, _, extended = bench.runs_from_log(logged)
     runs = [{**r, "summary": summarize(r)} for r in runs if not r.get("extra")]
     by = {(r["config"]["optimizer"], r["config"]["seed"]): r for r in runs}
