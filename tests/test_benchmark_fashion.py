@@ -228,10 +228,10 @@ def test_the_committed_cpu_table_needs_no_longer_runs(bench: ModuleType) -> None
 
 
 def test_the_committed_longer_runs_on_another_host_are_timed_at_the_protocol_hosts_speed(bench: ModuleType) -> None:
-    # The --decide runs of fashion_cpu_increment_runs.jsonl.gz (the per-increment pick's table) ran on another host: they do not repeat the protocol runs,
-    # so each is timed by its own function evaluations at its protocol run's CPU cost per evaluation, and the
-    # two that diverged (and the one that reached the loss target) inside the protocol's 1000 iterations settle
-    # nothing.
+    # The --decide runs of fashion_cpu_increment_runs.jsonl.gz (the per-increment pick's table) ran on another
+    # host: they do not repeat the protocol runs, so each is timed by its own function evaluations at its protocol
+    # run's CPU cost per evaluation, and the two that diverged (and the one that reached the loss target) inside
+    # the protocol's 1000 iterations settle nothing.
     from snopt.experiments._runner import summarize
 
     logged = bench.read_log(ROOT / "benchmarks" / "results" / "fashion_cpu_increment_runs.jsonl.gz")
