@@ -97,7 +97,7 @@ TABLE_TASKS = tuple(f"cnf_{t}" for t in CNF_TABLES)
 # benchmark keeps whichever of the two SNOpt picks has the better tuning score (`snopt_pick`); run_cnf_tabular.py
 # reports both. Digits and the time series have none (digits was started and stopped, JapaneseVowels probed:
 # docs/tuning.md section 9).
-STEP_TASKS = {t: f"{t}_step" for t in (*TABLE_TASKS, "fashion")}
+STEP_TASKS = {t: f"{t}_step" for t in (*TABLE_TASKS, "fashion", "digits")}
 # A task's own tuning bounds the increment whatever its preset's scope (the tables' presets keep the step's pick),
 # so retuning it after its preset moved to the step still tunes the increment.
 _TUNED: dict[str, RunConfig] = {name: replace(cfg, snopt_kl_clip_scope="increment") for name, cfg in {
@@ -519,9 +519,46 @@ TASK_WORDS = {"digits": "digits", "timeseries": "time series", "cnf": "CNF", "fa
               "cnf_wine": "CNF on wine", "cnf_breast_cancer": "CNF on breast-cancer",
               "cnf_old_faithful": "CNF on Old Faithful",
               "fashion_step": "Fashion-MNIST, SNOpt's whole-step trust region",
+              "digits_step": "digits, SNOpt's whole-step trust region",
               "cnf_wine_step": "CNF on wine, SNOpt's whole-step trust region",
               "cnf_breast_cancer_step": "CNF on breast-cancer, SNOpt's whole-step trust region",
               "cnf_old_faithful_step": "CNF on Old Faithful, SNOpt's whole-step trust region"}
+
+
+def _score_words(score: tuple[int, int, float, float]) -> str:
+    return ("diverged" if score[0] == 2 else f"{score[3]:.1f} s" + (f", {score[1]} missed" if score[1] else "")
+            + (", mean final below target" if score[0] == 1 else ""))
+
+
+def scope_paragraph(rows: list[dict[str, Any]], pairs: list[dict[str, Any]], task: str, command: str) -> str:
+    """What decided SNOpt's trust-region scope for `task` (a key of `STEP_TASKS` with a time criterion): the two
+    picks' tuning scores and, where recorded, their side-by-side rerun (`pair_scopes`); "" without a twin."""
+    picks = scope_picks(rows, task)
+    if len(picks) < 2:
+        return ""
+    scope = snopt_pick(rows, task, pairs)[1]
+    paired = paired_scores(rows, pairs, task)
+
+    def words(sc: str) -> str:
+        (_, lr, eps, clip), score = picks[sc]
+        return f"the {sc}'s pick (lr {lr:g}, eps {eps:g}, kl_clip {clip:g}) scores {_score_words(score)}"
+    text = (f"SNOpt's two trust-region scopes (`{task}` and its whole-step twin `{STEP_TASKS[task]}`): "
+            + "; ".join(words(sc) for sc in ("increment", "step")) + ". ")
+    if paired is None:
+        return text + (f"The benchmark runs the {scope}'s, the lower score. These are CPU seconds of batches run "
+                       "apart, maybe on hosts of different speed; no side-by-side rerun of these two picks is recorded "
+                       f"(`{command} --pair-scopes` writes one into {SCOPE_PAIRS_JSON.name}).")
+    mine = {sc: {p["seed"]: p for p in pairs if p["task"] == name and _key(p) == picks[sc][0]}
+            for sc, name in (("increment", task), ("step", STEP_TASKS[task]))}
+    hosts = sorted({str(p.get("host", "?")) for group in mine.values() for p in group.values()})
+    per_seed = "; ".join(f"seed {s}: {seed_value(mine['increment'][s]):.1f} vs {seed_value(mine['step'][s]):.1f}"
+                         for s in sorted(mine["increment"]))
+    ratio = paired["step"][3] / paired["increment"][3] if paired["increment"][3] else math.nan
+    return text + ("Those are CPU seconds of batches run apart, maybe on hosts of different speed, so the two picks "
+                   f"were rerun side by side on one host (`{command} --pair-scopes`, rows in "
+                   f"{SCOPE_PAIRS_JSON.name}; host {', '.join(hosts)}): increment {_score_words(paired['increment'])}"
+                   f", step {_score_words(paired['step'])} (step ÷ increment {ratio:.2f}; per seed, increment vs "
+                   f"step: {per_seed}). The benchmark runs the {scope}'s, the lower score of that rerun.")
 
 
 def _clip_words(clip: float | None) -> str:
@@ -1252,6 +1289,13 @@ def task_section(task: str, result: dict[str, Any], seeds: list[int], wall: floa
     return text, v
 
 
+def applications_tuning(rows: list[dict[str, Any]], pairs: list[dict[str, Any]]) -> str:
+    """The tuning section of applications_cpu.md: the three tasks' rows (and digits' whole-step twin's), with what
+    decided SNOpt's trust-region scope on digits."""
+    paragraph = scope_paragraph(rows, pairs, "digits", "python benchmarks/run_applications.py")
+    return tuning_section(rows) + ("\n\n" + paragraph if paragraph else "")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=("fast", "paper"), default="fast",
@@ -1263,6 +1307,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="default: 0-4; with --preset paper " + ", ".join(f"{t} {' '.join(map(str, v))}"
                                                                      for t, v in PAPER_SEEDS.items()))
     add_tuning_options(p, "about 80 min")
+    p.add_argument("--pair-scopes", action="store_true",
+                   help="only rerun SNOpt's two trust-region scopes' picks (digits and its whole-step twin) side by "
+                        f"side on this host into {SCOPE_PAIRS_JSON.name} and stop; their scores decide the scope. "
+                        "--tune does it too, after tuning")
     p.add_argument("--jobs", type=int, default=2, help="tuning runs at a time (default 2)")
     p.add_argument("--quick", action="store_true", help="a third of the iterations (a check, not the table)")
     p.add_argument("--out", type=Path, default=RESULTS)
@@ -1286,12 +1334,20 @@ def main(argv: list[str] | None = None) -> int:
     quiet_warnings()
     start = time.perf_counter()
     rows: list[dict[str, Any]] = json.loads(TUNING_JSON.read_text()) if TUNING_JSON.exists() else []
-    if args.tune or args.tune_only:
-        rows = retune(tasks, rows, args.out, args.jobs, resume=args.resume, quick=args.quick,
+    twins = [STEP_TASKS[t] for t in tasks if t in STEP_TASKS]  # SNOpt's whole-step twins, tuned beside their tasks
+    if args.tune or (args.tune_only and not args.pair_scopes):
+        rows = retune(tasks + twins, rows, args.out, args.jobs, resume=args.resume, quick=args.quick,
                       seeds=seeds_for_tuning)
-    rows_here = [r for r in rows if r["task"] in TASKS]  # Fashion-MNIST's and the tables' rows have their own tables
-    if args.tune_only:
-        print(tuning_section(rows_here))
+    here = set(TASKS) | {STEP_TASKS[t] for t in TASKS if t in STEP_TASKS}
+    rows_here = [r for r in rows if r["task"] in here]  # Fashion-MNIST's and the tables' rows have their own tables
+    pairs_path = next((f for f in (args.out / SCOPE_PAIRS_JSON.name, SCOPE_PAIRS_JSON) if f.exists()), None)
+    pairs: list[dict[str, Any]] = json.loads(pairs_path.read_text()) if pairs_path else []
+    if (args.tune or args.tune_only or args.pair_scopes) and not paper:
+        for t in tasks:
+            if t in STEP_TASKS and len(scope_picks(rows, t)) == 2:
+                pairs = save_pairs(pair_scopes(t, rows, seeds=seeds_for_tuning), args.out)
+    if args.tune_only or args.pair_scopes:
+        print(applications_tuning(rows_here, pairs))
         return 0
     logged = read_log(args.from_log) if args.from_log is not None else []
     args.out.mkdir(parents=True, exist_ok=True)
@@ -1314,6 +1370,9 @@ def main(argv: list[str] | None = None) -> int:
             if args.quick:
                 base = replace(base, iterations=max(10, task_defaults(base).iterations // 3))
             kept = {} if paper else best_settings([r for r in rows if r["task"] == task])
+            if kept and task in STEP_TASKS:  # SNOpt at the better of its two trust-region scopes' picks
+                kept["snopt"], scope = snopt_pick(rows, task, pairs)
+                base = replace(base, snopt_kl_clip_scope=scope)
             lrs = {name: st[1] for name, st in kept.items()}
             if kept.get("snopt") is not None:
                 base = replace(base, snopt_eps=kept["snopt"][2], snopt_kl_clip=kept["snopt"][3] or 0.0)
@@ -1337,7 +1396,7 @@ def main(argv: list[str] | None = None) -> int:
         summary_lines.extend([f"**{task}**:", "", *v, ""])
     if not all_runs:
         raise SystemExit(f"{args.from_log} holds no finished seed of {tasks} ({args.preset} preset)")
-    tuning = tuning_section(rows_here) if rows_here and not paper else None
+    tuning = applications_tuning(rows_here, pairs) if rows_here and not paper else None
     flag = " --preset paper" if paper else ""
     decide = " --decide" if settled_any else ""
     head = [

@@ -56,15 +56,14 @@ from run_applications import (
     machine_lines,
     overhead_lines,
     pair_scopes,
-    paired_scores,
     read_log,
     retune,
     run_longer,
     run_pool,
     runs_from_log,
     save_pairs,
+    scope_paragraph,
     scope_picks,
-    seed_value,
     snopt_pick,
     stability_lines,
     tuning_section,
@@ -154,49 +153,12 @@ def output_names(runs: list[dict[str, Any]], gpu: bool) -> tuple[str, str]:
     return f"fashion_{tag}.md", f"applications_fashion_{tag}.png"
 
 
-def _score_words(score: tuple[int, int, float, float]) -> str:
-    return ("diverged" if score[0] == 2 else f"{score[3]:.1f} s" + (f", {score[1]} missed" if score[1] else "")
-            + (", mean final below target" if score[0] == 1 else ""))
-
-
 def fashion_tuning(rows: list[dict[str, Any]], pairs: list[dict[str, Any]] | None = None) -> str:
     """The tuning section of Fashion-MNIST's rows (and its SNOpt whole-step twin's), with the scope SNOpt keeps and
     the side-by-side rerun (`pairs`) that decided it."""
     section = tuning_section(rows, "python benchmarks/run_fashion.py --tune")
-    picks = scope_picks(rows, "fashion")
-    if len(picks) < 2:
-        return section
-    scope = snopt_pick(rows, "fashion", pairs)[1]
-    paired = paired_scores(rows, pairs or [], "fashion")
-
-    def words(sc: str) -> str:
-        (_, lr, eps, clip), score = picks[sc]
-        return f"the {sc}'s pick (lr {lr:g}, eps {eps:g}, kl_clip {clip:g}) scores {_score_words(score)}"
-    text = (section + "\n\nSNOpt's two trust-region scopes (`fashion` and its whole-step twin `fashion_step`): "
-            + "; ".join(words(sc) for sc in ("increment", "step")) + ". ")
-    if paired is None:
-        return text + (f"The benchmark runs the {scope}'s, the lower score. These are CPU seconds of batches run "
-                       "apart, maybe on hosts of different speed; no side-by-side rerun of these two picks is recorded "
-                       f"(`python benchmarks/run_fashion.py --pair-scopes` writes one into {SCOPE_PAIRS_JSON.name}).")
-    mine = [p for p in pairs or [] if p["task"] in FASHION_TASKS]
-    hosts = sorted({str(p.get("host", "?")) for p in mine})
-    by_seed = {sc: {p["seed"]: p for p in mine if p["task"] == name and _same(p, picks[sc][0])}
-               for sc, name in (("increment", "fashion"), ("step", "fashion_step"))}
-    seeds = sorted(by_seed["increment"])
-    per_seed = "; ".join(f"seed {s}: {seed_value(by_seed['increment'][s]):.1f} vs {seed_value(by_seed['step'][s]):.1f}"
-                         for s in seeds)
-    ratio = paired["step"][3] / paired["increment"][3] if paired["increment"][3] else math.nan
-    return text + ("Those are CPU seconds of batches run apart, maybe on hosts of different speed, so the two picks "
-                   "were rerun side by side on one host (`python benchmarks/run_fashion.py --pair-scopes`, rows in "
-                   f"{SCOPE_PAIRS_JSON.name}; host {', '.join(hosts)}): increment {_score_words(paired['increment'])}"
-                   f", step {_score_words(paired['step'])} (step ÷ increment {ratio:.2f}; per seed, increment vs "
-                   f"step: {per_seed}). The benchmark runs the {scope}'s, the lower score of that rerun.")
-
-
-def _same(row: dict[str, Any], setting: tuple[str, float, float | None, float | None]) -> bool:
-    def num(k: str) -> float | None:
-        return None if row.get(k) is None else float(row[k])
-    return (row["optimizer"], float(row["lr"]), num("eps"), num("kl_clip")) == setting
+    paragraph = scope_paragraph(rows, pairs or [], "fashion", "python benchmarks/run_fashion.py")
+    return section + ("\n\n" + paragraph if paragraph else "")
 
 
 def evaluation_cost_line(runs: list[dict[str, Any]]) -> str:

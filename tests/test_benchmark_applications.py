@@ -370,3 +370,38 @@ def test_run_pool_reuses_logged_runs_and_continues_checkpointed_ones(bench: Modu
     assert not asked and [r["history"] for r in again] == [r["history"] for r in runs]
     bench.run_pool([(base, {"extra": True})], 1, log, one, ckdir)
     assert [c for c, _ in asked] == [base]
+
+
+def test_digits_runs_snopt_at_the_scope_its_side_by_side_rerun_picks(bench: ModuleType, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Digits' SNOpt runs at the better of its two trust-region scopes' picks, as their side-by-side rerun scores
+    them; Adam and SGD keep their own picks."""
+    def row(task: str, opt: str, lr: float, eps: float | None, clip: float | None, seed: int, t: float,
+            **extra: Any) -> dict[str, Any]:
+        return {"task": task, "optimizer": opt, "lr": lr, "eps": eps, "kl_clip": clip, "seed": seed,
+                "metric": "accuracy", "diverged": False, "final_test_metric": 0.97, "target_metric": 0.95,
+                "cpu_time_to_target_loss": t, "cpu_time_to_target_metric": t, "train_cpu_time": 20.0, **extra}
+    seeds = (100, 101)
+    rows = [row("digits", "snopt", 0.3, 0.03, 0.003, s, 4.0) for s in seeds]
+    rows += [row("digits", o, lr, None, None, s, 9.0) for o, lr in (("adam", 0.01), ("sgd", 0.03)) for s in seeds]
+    rows += [row("digits_step", "snopt", 0.1, 0.001, 0.01, s, 5.0) for s in seeds]  # worse in the tuning
+    tuning, pairs = tmp_path / "tuning.json", tmp_path / "pairs.json"
+    tuning.write_text(json.dumps(rows))
+    monkeypatch.setattr(bench, "TUNING_JSON", tuning)
+    monkeypatch.setattr(bench, "SCOPE_PAIRS_JSON", pairs)
+    asked = _tiny_runs(monkeypatch)
+    out = tmp_path / "out"
+    args = ["--tasks", "digits", "--seeds", "0", "--out", str(out)]
+    for paired, expected in ((None, ("increment", 0.3, 0.03, 0.003)), ((8.0, 6.0), ("step", 0.1, 0.001, 0.01))):
+        if paired is not None:  # the rerun on one clock reverses the tuning's order
+            pairs.write_text(json.dumps(
+                [row("digits", "snopt", 0.3, 0.03, 0.003, s, paired[0], paired=True, host="h") for s in seeds]
+                + [row("digits_step", "snopt", 0.1, 0.001, 0.01, s, paired[1], paired=True, host="h")
+                   for s in seeds]))
+        asked.clear()
+        assert bench.main(args) == 0
+        snopt = [c for c in asked if c.optimizer == "snopt"]
+        assert [(c.snopt_kl_clip_scope, c.lr["snopt"] if isinstance(c.lr, dict) else c.lr, c.snopt_eps,
+                 c.snopt_kl_clip) for c in snopt] == [expected]
+        text = (out / "applications_cpu.md").read_text()
+        assert f"The benchmark runs the {expected[0]}'s" in text
