@@ -99,8 +99,9 @@ def image_defaults(dataset: str, preset: str) -> TaskDefaults:
     if dataset == "digits":
         return TaskDefaults(
             iterations=150, batch_size=128, eval_every=5,
-            lr={"adam": 0.01, "sgd": 0.03, "snopt": 0.3, "newton-cg": 1.0},  # benchmarks/run_applications.py --tune
-            target_loss=0.1, target_metric=0.95, snopt_eps=0.03, snopt_freq=25, snopt_kl_clip=3e-3, options=fast)
+            lr={"adam": 0.01, "sgd": 0.03, "snopt": 0.03, "newton-cg": 1.0},  # benchmarks/run_applications.py --tune
+            target_loss=0.1, target_metric=0.95, snopt_eps=3e-4, snopt_freq=25, snopt_kl_clip=1e-2,
+            snopt_kl_clip_scope="step", options=fast)
     return TaskDefaults(
         iterations=300, batch_size=128, eval_every=20,
         lr={"adam": 0.01, "sgd": 0.03, "snopt": 1.0, "newton-cg": 1.0},  # benchmarks/run_fashion.py --tune
