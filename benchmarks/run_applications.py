@@ -93,10 +93,10 @@ TASKS: dict[str, RunConfig] = {
 CNF_TABLES = ("wine", "breast_cancer", "old_faithful")
 TABLE_TASKS = tuple(f"cnf_{t}" for t in CNF_TABLES)
 # SNOpt with its trust region on the whole step (`kl_clip_scope="step"`, momentum included) is tuned as a task of
-# its own beside each CNF table and beside Fashion-MNIST: SNOpt only, by the same protocol on the same seeds. The
+# its own beside each CNF table, Fashion-MNIST and digits: SNOpt only, by the same protocol on the same seeds. The
 # benchmark keeps whichever of the two SNOpt picks has the better tuning score (`snopt_pick`); run_cnf_tabular.py
-# reports both. Digits and the time series have none (digits was started and stopped, JapaneseVowels probed:
-# docs/tuning.md section 9).
+# reports both. For Fashion-MNIST and digits, whose criterion is CPU time, the two picks rerun side by side on one
+# host decide instead (`pair_scopes`). The time series has none (JapaneseVowels probed: docs/tuning.md section 9).
 STEP_TASKS = {t: f"{t}_step" for t in (*TABLE_TASKS, "fashion", "digits")}
 # A task's own tuning bounds the increment whatever its preset's scope (the tables' presets keep the step's pick),
 # so retuning it after its preset moved to the step still tunes the increment.
@@ -1177,9 +1177,21 @@ def machine_lines() -> list[str]:
 
 
 def cpu_log_machine_lines(runs: list[dict[str, Any]]) -> list[str]:
-    """The CPU machine the runs recorded, for tables written from a log (perhaps on another machine)."""
+    """The CPU machines the runs recorded, for tables written from a log (perhaps on another machine).
+
+    A log pieced together from several hosts names each, with the tasks that ran there: CPU seconds compare only
+    within one host, so a reader must see which ratios share one.
+    """
+    hosts: dict[tuple[str, str], list[str]] = {}
+    for r in runs:
+        m = r["machine"]
+        tasks = hosts.setdefault((m["cpu"], m["platform"]), [])
+        if r["config"]["task"] not in tasks:
+            tasks.append(r["config"]["task"])
     m = runs[0]["machine"]
-    return [f"- CPU: {m['cpu']} ({m['logical_cores']} logical cores), {m['platform']}",
+    cpus = [f"- CPU: {cpu} ({m['logical_cores']} logical cores), {plat}"
+            + (f" — {', '.join(tasks)}" if len(hosts) > 1 else "") for (cpu, plat), tasks in hosts.items()]
+    return [*cpus,
             f"- torch {m['torch']}, Python {m['python']}, {m['torch_threads']} torch thread per run (each run a "
             "fresh process)",
             "- load average while the runs trained: not in the log (CPU-time ratios are the steadier ones)"]

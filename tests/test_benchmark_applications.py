@@ -79,6 +79,20 @@ def test_from_log_rewrites_the_live_tables(bench: ModuleType, tmp_path: Path, mo
     assert "Left out of the tables" in cnf_part and "snopt lr 0.01 seed 1 (final" in cnf_part
 
 
+def test_a_log_from_several_hosts_names_each_with_its_tasks(bench: ModuleType) -> None:
+    def run(task: str, cpu: str, plat: str) -> dict[str, Any]:
+        machine = {"cpu": cpu, "platform": plat, "logical_cores": 2, "torch": "2.13.0+cpu", "python": "3.11.7",
+                   "torch_threads": 1}
+        return {"config": {"task": task}, "machine": machine}
+
+    one = bench.cpu_log_machine_lines([run("digits", "Xeon", "host-a"), run("cnf", "Xeon", "host-a")])
+    assert [ln for ln in one if ln.startswith("- CPU")] == ["- CPU: Xeon (2 logical cores), host-a"]
+    two = bench.cpu_log_machine_lines([run("digits", "Xeon", "host-a"), run("timeseries", "EPYC", "host-b"),
+                                       run("cnf", "EPYC", "host-b"), run("digits", "Xeon", "host-a")])
+    assert [ln for ln in two if ln.startswith("- CPU")] == [
+        "- CPU: Xeon (2 logical cores), host-a — digits", "- CPU: EPYC (2 logical cores), host-b — timeseries, cnf"]
+
+
 def test_from_log_without_a_finished_seed_fails(bench: ModuleType, tmp_path: Path) -> None:
     log = tmp_path / "runs.jsonl"
     log.write_text("")
