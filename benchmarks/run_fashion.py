@@ -56,6 +56,7 @@ from run_applications import (
     machine_lines,
     overhead_lines,
     pair_scopes,
+    paired_rows,
     paired_scores,
     read_log,
     retune,
@@ -178,10 +179,9 @@ def fashion_tuning(rows: list[dict[str, Any]], pairs: list[dict[str, Any]] | Non
         return text + (f"The benchmark runs the {scope}'s, the lower score. These are CPU seconds of batches run "
                        "apart, maybe on hosts of different speed; no side-by-side rerun of these two picks is recorded "
                        f"(`python benchmarks/run_fashion.py --pair-scopes` writes one into {SCOPE_PAIRS_JSON.name}).")
-    mine = [p for p in pairs or [] if p["task"] in FASHION_TASKS]
-    hosts = sorted({str(p.get("host", "?")) for p in mine})
-    by_seed = {sc: {p["seed"]: p for p in mine if p["task"] == name and _same(p, picks[sc][0])}
-               for sc, name in (("increment", "fashion"), ("step", "fashion_step"))}
+    mine = paired_rows(rows, pairs or [], "fashion") or {}
+    hosts = sorted({str(p.get("host", "?")) for group in mine.values() for p in group})
+    by_seed = {sc: {p["seed"]: p for p in group} for sc, group in mine.items()}
     seeds = sorted(by_seed["increment"])
     per_seed = "; ".join(f"seed {s}: {seed_value(by_seed['increment'][s]):.1f} vs {seed_value(by_seed['step'][s]):.1f}"
                          for s in seeds)
@@ -191,12 +191,6 @@ def fashion_tuning(rows: list[dict[str, Any]], pairs: list[dict[str, Any]] | Non
                    f"{SCOPE_PAIRS_JSON.name}; host {', '.join(hosts)}): increment {_score_words(paired['increment'])}"
                    f", step {_score_words(paired['step'])} (step ÷ increment {ratio:.2f}; per seed, increment vs "
                    f"step: {per_seed}). The benchmark runs the {scope}'s, the lower score of that rerun.")
-
-
-def _same(row: dict[str, Any], setting: tuple[str, float, float | None, float | None]) -> bool:
-    def num(k: str) -> float | None:
-        return None if row.get(k) is None else float(row[k])
-    return (row["optimizer"], float(row["lr"]), num("eps"), num("kl_clip")) == setting
 
 
 def evaluation_cost_line(runs: list[dict[str, Any]]) -> str:
