@@ -296,6 +296,13 @@ def paired_scores(rows: list[dict[str, Any]], pairs: list[dict[str, Any]],
         both scopes' current picks on the same seeds; None otherwise (no twin, no rerun, or a rerun of picks that
         a later tuning replaced).
     """
+    mine = paired_rows(rows, pairs, task)
+    return None if mine is None else {scope: setting_score(group) for scope, group in mine.items()}
+
+
+def paired_rows(rows: list[dict[str, Any]], pairs: list[dict[str, Any]],
+                task: str) -> dict[str, list[dict[str, Any]]] | None:
+    """The rows of `pairs` behind `paired_scores`: ``{"increment": [...], "step": [...]}``, or None where it is None."""
     picks = scope_picks(rows, task)
     if len(picks) < 2:
         return None
@@ -304,7 +311,7 @@ def paired_scores(rows: list[dict[str, Any]], pairs: list[dict[str, Any]],
     seeds = [sorted(p["seed"] for p in group) for group in mine.values()]
     if not seeds[0] or seeds[0] != seeds[1] or len(set(seeds[0])) != len(seeds[0]):
         return None
-    return {scope: setting_score(group) for scope, group in mine.items()}
+    return mine
 
 
 def pair_scopes(task: str, rows: list[dict[str, Any]], *, seeds: tuple[int, ...] = TUNING_SEEDS,
@@ -548,8 +555,7 @@ def scope_paragraph(rows: list[dict[str, Any]], pairs: list[dict[str, Any]], tas
         return text + (f"The benchmark runs the {scope}'s, the lower score. These are CPU seconds of batches run "
                        "apart, maybe on hosts of different speed; no side-by-side rerun of these two picks is recorded "
                        f"(`{command} --pair-scopes` writes one into {SCOPE_PAIRS_JSON.name}).")
-    mine = {sc: {p["seed"]: p for p in pairs if p["task"] == name and _key(p) == picks[sc][0]}
-            for sc, name in (("increment", task), ("step", STEP_TASKS[task]))}
+    mine = {sc: {p["seed"]: p for p in group} for sc, group in (paired_rows(rows, pairs, task) or {}).items()}
     hosts = sorted({str(p.get("host", "?")) for group in mine.values() for p in group.values()})
     per_seed = "; ".join(f"seed {s}: {seed_value(mine['increment'][s]):.1f} vs {seed_value(mine['step'][s]):.1f}"
                          for s in sorted(mine["increment"]))
