@@ -93,11 +93,11 @@ TASKS: dict[str, RunConfig] = {
 CNF_TABLES = ("wine", "breast_cancer", "old_faithful")
 TABLE_TASKS = tuple(f"cnf_{t}" for t in CNF_TABLES)
 # SNOpt with its trust region on the whole step (`kl_clip_scope="step"`, momentum included) is tuned as a task of
-# its own beside each CNF table, Fashion-MNIST and digits: SNOpt only, by the same protocol on the same seeds. The
+# its own beside each task: SNOpt only, by the same protocol on the same seeds. The
 # benchmark keeps whichever of the two SNOpt picks has the better tuning score (`snopt_pick`); run_cnf_tabular.py
-# reports both. For Fashion-MNIST and digits, whose criterion is CPU time, the two picks rerun side by side on one
-# host decide instead (`pair_scopes`). The time series has none (JapaneseVowels probed: docs/tuning.md section 9).
-STEP_TASKS = {t: f"{t}_step" for t in (*TABLE_TASKS, "fashion", "digits")}
+# reports both. For the classifiers (digits, the time series, Fashion-MNIST), whose criterion is CPU time, the two
+# picks rerun side by side on one host decide instead (`pair_scopes`). The 2-D CNF (`cnf`) has none.
+STEP_TASKS = {t: f"{t}_step" for t in (*TABLE_TASKS, "fashion", "digits", "timeseries")}
 # A task's own tuning bounds the increment whatever its preset's scope (the tables' presets keep the step's pick),
 # so retuning it after its preset moved to the step still tunes the increment.
 _TUNED: dict[str, RunConfig] = {name: replace(cfg, snopt_kl_clip_scope="increment") for name, cfg in {
@@ -346,10 +346,15 @@ def pair_scopes(task: str, rows: list[dict[str, Any]], *, seeds: tuple[int, ...]
 
 
 def save_pairs(new: list[dict[str, Any]], out: Path) -> list[dict[str, Any]]:
-    """Write `new` into ``out / SCOPE_PAIRS_JSON.name`` in place of the rows of their tasks; return all rows."""
+    """Write `new` into ``out / SCOPE_PAIRS_JSON.name`` in place of the rows of their tasks; return all rows.
+
+    The other tasks' rows come from that file, or where `out` has none yet from the committed one (as `retune`
+    builds on the committed tuning rows), so a rerun into a scratch folder still holds every task's pair.
+    """
     path = out / SCOPE_PAIRS_JSON.name
     tasks = {r["task"] for r in new}
-    old = json.loads(path.read_text()) if path.exists() else []
+    source = next((f for f in (path, SCOPE_PAIRS_JSON) if f.exists()), None)
+    old = json.loads(source.read_text()) if source is not None else []
     rows = [r for r in old if r["task"] not in tasks] + new
     out.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(rows, indent=0) + "\n")
@@ -527,6 +532,7 @@ TASK_WORDS = {"digits": "digits", "timeseries": "time series", "cnf": "CNF", "fa
               "cnf_old_faithful": "CNF on Old Faithful",
               "fashion_step": "Fashion-MNIST, SNOpt's whole-step trust region",
               "digits_step": "digits, SNOpt's whole-step trust region",
+              "timeseries_step": "time series, SNOpt's whole-step trust region",
               "cnf_wine_step": "CNF on wine, SNOpt's whole-step trust region",
               "cnf_breast_cancer_step": "CNF on breast-cancer, SNOpt's whole-step trust region",
               "cnf_old_faithful_step": "CNF on Old Faithful, SNOpt's whole-step trust region"}
@@ -1308,10 +1314,11 @@ def task_section(task: str, result: dict[str, Any], seeds: list[int], wall: floa
 
 
 def applications_tuning(rows: list[dict[str, Any]], pairs: list[dict[str, Any]]) -> str:
-    """The tuning section of applications_cpu.md: the three tasks' rows (and digits' whole-step twin's), with what
-    decided SNOpt's trust-region scope on digits."""
-    paragraph = scope_paragraph(rows, pairs, "digits", "python benchmarks/run_applications.py")
-    return tuning_section(rows) + ("\n\n" + paragraph if paragraph else "")
+    """The tuning section of applications_cpu.md: the three tasks' rows (and the whole-step twins'), with what
+    decided SNOpt's trust-region scope on each classifier that has a twin."""
+    paragraphs = [scope_paragraph(rows, pairs, t, "python benchmarks/run_applications.py")
+                  for t in TASKS if t in STEP_TASKS]
+    return "\n\n".join([tuning_section(rows), *filter(None, paragraphs)])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1324,11 +1331,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", nargs="+", type=int, default=None,
                    help="default: 0-4; with --preset paper " + ", ".join(f"{t} {' '.join(map(str, v))}"
                                                                      for t, v in PAPER_SEEDS.items()))
-    add_tuning_options(p, "about 80 min")
+    add_tuning_options(p, "1.5-3 hours, by host")
     p.add_argument("--pair-scopes", action="store_true",
-                   help="only rerun SNOpt's two trust-region scopes' picks (digits and its whole-step twin) side by "
-                        f"side on this host into {SCOPE_PAIRS_JSON.name} and stop; their scores decide the scope. "
-                        "--tune does it too, after tuning")
+                   help="only rerun SNOpt's two trust-region scopes' picks (each of --tasks with a whole-step twin) "
+                        f"side by side on this host into {SCOPE_PAIRS_JSON.name} and stop; their scores decide the "
+                        "scope. --tune does it too, after tuning")
     p.add_argument("--jobs", type=int, default=2, help="tuning runs at a time (default 2)")
     p.add_argument("--quick", action="store_true", help="a third of the iterations (a check, not the table)")
     p.add_argument("--out", type=Path, default=RESULTS)

@@ -264,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = json.loads(TUNING_JSON.read_text()) if TUNING_JSON.exists() else []
     if args.tune or args.tune_only:
-        rows = retune(args.tasks or [*TUNING_TASK.values(), *STEP_TASKS.values()], rows, args.out, args.jobs,
+        rows = retune(list(args.tasks or ALL_TASKS), rows, args.out, args.jobs,
                       resume=args.resume, seeds=seeds_for_tuning)
     if args.tune_only:
         print(tuning_section([r for r in rows if r["task"] in ALL_TASKS], f"{COMMAND} --tune"))

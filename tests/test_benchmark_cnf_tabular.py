@@ -121,6 +121,21 @@ def test_no_tuning_rows_is_refused(tabular: ModuleType, tmp_path: Path, monkeypa
         tabular.main(["--out", str(tmp_path)])
 
 
+def test_tune_retunes_the_tables_and_their_twins_only(tabular: ModuleType, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    # Not the other tasks' whole-step twins (Fashion-MNIST's alone is hours): those have their own scripts.
+    asked: list[list[str]] = []
+
+    def fake_retune(tasks: list[str], rows: list[dict[str, Any]], *args: Any, **kwargs: Any) -> list[dict[str, Any]]:
+        asked.append(list(tasks))
+        return rows
+
+    monkeypatch.setattr(tabular, "retune", fake_retune)
+    assert tabular.main(["--tune-only", "--out", str(tmp_path)]) == 0
+    assert asked == [["cnf_wine", "cnf_breast_cancer", "cnf_old_faithful",
+                      "cnf_wine_step", "cnf_breast_cancer_step", "cnf_old_faithful_step"]]
+
+
 def test_the_committed_results_file_is_what_its_log_writes(tabular: ModuleType, tmp_path: Path) -> None:
     results = ROOT / "benchmarks" / "results"
     assert tabular.main(["--from-log", str(results / "cnf_tabular_cpu_runs.jsonl.gz"), "--out", str(tmp_path)]) == 0

@@ -280,7 +280,8 @@ def test_the_side_by_side_rerun_decides_the_scope(bench: ModuleType, fashion: Mo
         ("snopt", 1.0, "step", 0.001, 0.01), ("adam", 0.01, "step", 0.001, 0.01), ("sgd", 0.03, "step", 0.001, 0.01)]
 
 
-def test_pair_scopes_reruns_the_two_picks_seed_by_seed(bench: ModuleType, tmp_path: Path) -> None:
+def test_pair_scopes_reruns_the_two_picks_seed_by_seed(bench: ModuleType, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     rows = _scope_rows(4.0, 5.0) + [{**_row("snopt", 0.1, 0.03, s, tl=8.0, tm=8.0, clip=0.001), "task": "fashion"}
                                     for s in (100, 101)]
     calls: list[tuple[Any, ...]] = []
@@ -303,11 +304,17 @@ def test_pair_scopes_reruns_the_two_picks_seed_by_seed(bench: ModuleType, tmp_pa
     with pytest.raises(ValueError, match="both scopes"):
         bench.pair_scopes("fashion", [r for r in rows if r["task"] == "fashion"], run_one=fake, echo=False)
     # saving replaces the rerun of the same tasks and keeps the others'
+    committed = tmp_path / "committed.json"
+    monkeypatch.setattr(bench, "SCOPE_PAIRS_JSON", committed)  # none yet
     other = [{**pairs[0], "task": "cnf_wine"}]
     bench.save_pairs(other + pairs, tmp_path)
     again = [{**p, "seed": p["seed"] + 1} for p in pairs]
     kept = bench.save_pairs(again, tmp_path)
     assert kept == other + again == json.loads((tmp_path / bench.SCOPE_PAIRS_JSON.name).read_text())
+    # into a folder without a pairs file, the other tasks' rows come from the committed one
+    committed.write_text(json.dumps(other + pairs))
+    assert bench.save_pairs(again, tmp_path / "scratch") == other + again
+    assert json.loads(committed.read_text()) == other + pairs  # the committed file is left as it was
 
 
 def test_the_fashion_tuning_section_says_what_decided_the_scope(fashion: ModuleType) -> None:
