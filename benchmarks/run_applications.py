@@ -345,17 +345,21 @@ def pair_scopes(task: str, rows: list[dict[str, Any]], *, seeds: tuple[int, ...]
         return list(ex.map(go, todo))
 
 
+def load_pairs(out: Path) -> list[dict[str, Any]]:
+    """The side-by-side rows (`pair_scopes`) in ``out / SCOPE_PAIRS_JSON.name``, else the committed ones (as `retune`
+    builds on the committed tuning rows); [] where there are none."""
+    source = next((f for f in (out / SCOPE_PAIRS_JSON.name, SCOPE_PAIRS_JSON) if f.exists()), None)
+    return json.loads(source.read_text()) if source is not None else []
+
+
 def save_pairs(new: list[dict[str, Any]], out: Path) -> list[dict[str, Any]]:
     """Write `new` into ``out / SCOPE_PAIRS_JSON.name`` in place of the rows of their tasks; return all rows.
 
-    The other tasks' rows come from that file, or where `out` has none yet from the committed one (as `retune`
-    builds on the committed tuning rows), so a rerun into a scratch folder still holds every task's pair.
+    The other tasks' rows come from `load_pairs`, so a rerun into a scratch folder still holds every task's pair.
     """
     path = out / SCOPE_PAIRS_JSON.name
     tasks = {r["task"] for r in new}
-    source = next((f for f in (path, SCOPE_PAIRS_JSON) if f.exists()), None)
-    old = json.loads(source.read_text()) if source is not None else []
-    rows = [r for r in old if r["task"] not in tasks] + new
+    rows = [r for r in load_pairs(out) if r["task"] not in tasks] + new
     out.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(rows, indent=0) + "\n")
     print(f"wrote {path}")
@@ -550,18 +554,19 @@ def scope_paragraph(rows: list[dict[str, Any]], pairs: list[dict[str, Any]], tas
     if len(picks) < 2:
         return ""
     scope = snopt_pick(rows, task, pairs)[1]
-    paired = paired_scores(rows, pairs, task)
+    rerun = paired_rows(rows, pairs, task)
 
     def words(sc: str) -> str:
         (_, lr, eps, clip), score = picks[sc]
         return f"the {sc}'s pick (lr {lr:g}, eps {eps:g}, kl_clip {clip:g}) scores {_score_words(score)}"
     text = (f"SNOpt's two trust-region scopes (`{task}` and its whole-step twin `{STEP_TASKS[task]}`): "
             + "; ".join(words(sc) for sc in ("increment", "step")) + ". ")
-    if paired is None:
+    if rerun is None:
         return text + (f"The benchmark runs the {scope}'s, the lower score. These are CPU seconds of batches run "
                        "apart, maybe on hosts of different speed; no side-by-side rerun of these two picks is recorded "
                        f"(`{command} --pair-scopes` writes one into {SCOPE_PAIRS_JSON.name}).")
-    mine = {sc: {p["seed"]: p for p in group} for sc, group in (paired_rows(rows, pairs, task) or {}).items()}
+    paired = {sc: setting_score(group) for sc, group in rerun.items()}
+    mine = {sc: {p["seed"]: p for p in group} for sc, group in rerun.items()}
     hosts = sorted({str(p.get("host", "?")) for group in mine.values() for p in group.values()})
     per_seed = "; ".join(f"seed {s}: {seed_value(mine['increment'][s]):.1f} vs {seed_value(mine['step'][s]):.1f}"
                          for s in sorted(mine["increment"]))
@@ -1365,8 +1370,7 @@ def main(argv: list[str] | None = None) -> int:
                       seeds=seeds_for_tuning)
     here = set(TASKS) | {STEP_TASKS[t] for t in TASKS if t in STEP_TASKS}
     rows_here = [r for r in rows if r["task"] in here]  # Fashion-MNIST's and the tables' rows have their own tables
-    pairs_path = next((f for f in (args.out / SCOPE_PAIRS_JSON.name, SCOPE_PAIRS_JSON) if f.exists()), None)
-    pairs: list[dict[str, Any]] = json.loads(pairs_path.read_text()) if pairs_path else []
+    pairs = load_pairs(args.out)
     if (args.tune or args.tune_only or args.pair_scopes) and not paper:
         for t in tasks:
             if t in STEP_TASKS and len(scope_picks(rows, t)) == 2:

@@ -53,6 +53,7 @@ from run_applications import (
     decide_plan,
     decided_lines,
     left_out_lines,
+    load_pairs,
     machine_lines,
     overhead_lines,
     pair_scopes,
@@ -297,8 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.tune or (args.tune_only and not args.pair_scopes):
         rows = retune(list(FASHION_TASKS), rows, args.out, args.jobs, resume=args.resume, seeds=seeds_for_tuning)
     mine = [r for r in rows if r["task"] in FASHION_TASKS]
-    pairs_path = next((f for f in (args.out / SCOPE_PAIRS_JSON.name, SCOPE_PAIRS_JSON) if f.exists()), None)
-    pairs: list[dict[str, Any]] = json.loads(pairs_path.read_text()) if pairs_path else []
+    pairs = load_pairs(args.out)
     if args.tune or args.tune_only or args.pair_scopes:
         if len(scope_picks(mine, "fashion")) == 2:
             pairs = save_pairs(pair_scopes("fashion", mine, seeds=seeds_for_tuning), args.out)
