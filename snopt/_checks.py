@@ -1,15 +1,66 @@
 """Input validation shared by the front doors. Every error names the argument."""
 
+import importlib
 import math
+import warnings
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
-# The solvers of torchdiffeq 0.2.x, by name (its `SOLVERS` table is private).
-FIXED_GRID_METHODS = frozenset({"euler", "midpoint", "heun3", "rk4", "explicit_adams", "implicit_adams",
-                                "fixed_adams"})
-ADAPTIVE_METHODS = frozenset({"dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun"})
-METHODS = FIXED_GRID_METHODS | ADAPTIVE_METHODS
+MethodKind = Literal["fixed", "adaptive", "scipy"]
+"""How a torchdiffeq solver steps: on a fixed grid (``step_size``/``grid_constructor``, reports
+``callback_step``), adaptively with torchdiffeq's own error control (takes ``norm``, ``step_t``,
+``jump_t``; reports ``callback_accept_step``), or ``"scipy"``: a black box that controls its own error
+and reports no steps (``scipy_solver``, and any solver class that is neither of the other two)."""
+
+# torchdiffeq 0.2.5's methods, used only when its solver registry cannot be read (see `discover_methods`).
+_FALLBACK_KINDS: dict[str, MethodKind] = {
+    "dopri8": "adaptive", "dopri5": "adaptive", "bosh3": "adaptive", "fehlberg2": "adaptive",
+    "adaptive_heun": "adaptive", "euler": "fixed", "midpoint": "fixed", "heun2": "fixed", "heun3": "fixed",
+    "rk4": "fixed", "explicit_adams": "fixed", "implicit_adams": "fixed", "fixed_adams": "fixed",
+    "scipy_solver": "scipy"}
+_FALLBACK_CALLBACKS: dict[MethodKind, frozenset[str]] = {
+    "fixed": frozenset({"callback_step"}),
+    "adaptive": frozenset({"callback_step", "callback_accept_step", "callback_reject_step"}),
+    "scipy": frozenset()}
+
+
+def discover_methods() -> tuple[dict[str, MethodKind], dict[str, frozenset[str]]]:
+    """Every method of the installed torchdiffeq, with its kind and the step callbacks it makes.
+
+    Read from torchdiffeq's solver registry (``torchdiffeq._impl.odeint.SOLVERS``, name → solver
+    class); the kind comes from the class (a subclass of ``AdaptiveStepsizeODESolver`` or of
+    ``FixedGridODESolver``; anything else, such as ``ScipyWrapperODESolver``, is ``"scipy"``), so a
+    method added by a later torchdiffeq works without a change here. The registry is private: if it
+    cannot be read, this warns and falls back to torchdiffeq 0.2.5's table.
+    """
+    try:
+        solvers = importlib.import_module("torchdiffeq._impl.odeint").SOLVERS
+        base = importlib.import_module("torchdiffeq._impl.solvers")
+        adaptive, fixed = base.AdaptiveStepsizeODESolver, base.FixedGridODESolver
+        kinds: dict[str, MethodKind] = {}
+        callbacks: dict[str, frozenset[str]] = {}
+        for name, cls in dict(solvers).items():
+            kinds[str(name)] = ("adaptive" if issubclass(cls, adaptive) else "fixed" if issubclass(cls, fixed)
+                                else "scipy")
+            callbacks[str(name)] = frozenset(cls.valid_callbacks())
+        if not kinds:
+            raise ValueError("the registry is empty")
+    except Exception as err:  # any change of the private layout lands here
+        warnings.warn(
+            f"snopt could not read torchdiffeq's solver registry (torchdiffeq._impl.odeint.SOLVERS: "
+            f"{type(err).__name__}: {err}); falling back to torchdiffeq 0.2.5's methods "
+            f"{sorted(_FALLBACK_KINDS)}. Methods of a newer torchdiffeq will be refused.",
+            RuntimeWarning, stacklevel=2)
+        return dict(_FALLBACK_KINDS), {k: _FALLBACK_CALLBACKS[v] for k, v in _FALLBACK_KINDS.items()}
+    return kinds, callbacks
+
+
+_KINDS, _CALLBACKS = discover_methods()
+FIXED_GRID_METHODS = frozenset(k for k, v in _KINDS.items() if v == "fixed")
+ADAPTIVE_METHODS = frozenset(k for k, v in _KINDS.items() if v == "adaptive")
+METHODS = frozenset(_KINDS)
 
 
 def check_method(name: str, method: str | None) -> str:
@@ -19,6 +70,26 @@ def check_method(name: str, method: str | None) -> str:
     if not isinstance(method, str) or method not in METHODS:
         raise ValueError(f"`{name}` must be one of {sorted(METHODS)}; got {method!r}.")
     return method
+
+
+def method_kind(method: str) -> MethodKind:
+    """``"fixed"``, ``"adaptive"`` or ``"scipy"`` (see `MethodKind`) for a torchdiffeq method name.
+
+    Raises:
+        ValueError: For a name torchdiffeq does not know (the message lists those it does).
+    """
+    return _KINDS[check_method("method", method)]
+
+
+def reports_steps(method: str) -> bool:
+    """Whether the solver reports the steps it takes, as an `AdjointObserver` needs.
+
+    Fixed-grid solvers report each step's start (``callback_step``), adaptive ones each accepted step
+    (``callback_accept_step``); the scipy wrapper reports nothing.
+    """
+    kind = method_kind(method)
+    needed = {"fixed": "callback_step", "adaptive": "callback_accept_step"}.get(kind)
+    return needed is not None and needed in _CALLBACKS[method]
 
 
 def check_time_grid(t: object, name: str = "t") -> Tensor:

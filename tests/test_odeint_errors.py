@@ -99,6 +99,19 @@ CASES: dict[str, Bad] = {
                             kwargs={"adjoint_atol": float("nan")}),
     "bad adjoint_norm": Bad(ValueError, "`adjoint_norm` must be 'mixed' or 'seminorm'; got 'l2'",
                             kwargs={"adjoint_norm": "l2"}),
+    "event_fn": Bad(NotImplementedError, "does not support `event_fn`", kwargs={"event_fn": lambda t, y: y[0]}),
+    "observer with the scipy wrapper": Bad(ValueError, "never does .it makes no step callbacks",
+                                           kwargs={"method": "scipy_solver",
+                                                   "observer": snopt.curvature.FactorCollector(Decay(), mode="ode")}),
+    "seminorm with the scipy wrapper": Bad(ValueError, "scipy's solve_ivp controls the error",
+                                           kwargs={"method": "scipy_solver", "adjoint_norm": "seminorm"}),
+    "forward norm with the scipy wrapper": Bad(ValueError, "cannot be used with method='scipy_solver'",
+                                               kwargs={"method": "scipy_solver", "options": {"norm": torch.norm}}),
+    "adjoint norm not a callable": Bad(ValueError, "must be 'seminorm' or a callable",
+                                       kwargs={"adjoint_options": {"norm": "max"}}),
+    "two backward norms": Bad(ValueError, "two different backward norms",
+                              kwargs={"adjoint_norm": "seminorm",
+                                      "adjoint_options": {"norm": lambda s: s[1].abs().max()}}),
     "options for another adjoint_method": Bad(ValueError, "pass `adjoint_options` too",
                                               kwargs={"method": "rk4", "options": {"step_size": 0.1},
                                                       "adjoint_method": "dopri5"}),
@@ -165,3 +178,26 @@ def test_double_backward_is_refused_with_a_pointer_to_second_order_tools() -> No
     (g,) = torch.autograd.grad(ys[-1].pow(2).sum(), x0, create_graph=True)
     with pytest.raises(NotImplementedError, match="snopt.hvp"):
         g.sum().backward()
+
+
+def test_methods_come_from_torchdiffeqs_registry_with_a_clear_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib
+
+    from torchdiffeq._impl.odeint import SOLVERS
+
+    from snopt import _checks
+
+    kinds, _ = _checks.discover_methods()
+    assert set(kinds) == set(SOLVERS) and {"heun2", "scipy_solver"} <= set(kinds)
+    assert kinds["scipy_solver"] == "scipy" and kinds["heun2"] == "fixed" and kinds["dopri8"] == "adaptive"
+    real = importlib.import_module
+
+    def moved(name: str, *args: Any) -> Any:
+        if name == "torchdiffeq._impl.odeint":
+            raise ModuleNotFoundError("No module named 'torchdiffeq._impl.odeint'")
+        return real(name, *args)
+
+    monkeypatch.setattr(importlib, "import_module", moved)
+    with pytest.warns(RuntimeWarning, match="could not read torchdiffeq's solver registry.*falling back"):
+        kinds2, callbacks = _checks.discover_methods()
+    assert kinds2 == kinds and callbacks["dopri5"] >= {"callback_accept_step"}
