@@ -2,10 +2,10 @@
 
 from snopt.adjoint._field import Field, FieldOutputError
 from snopt.adjoint._hvp import ggn_vp, hvp
-from snopt.adjoint._observer import AdjointObserver, SolveStats
+from snopt.adjoint._observer import AdjointObserver, SolveStats, StepGuard
 from snopt.adjoint._odeint import odeint
 from snopt.adjoint._second_order import SecondOrderResult, second_order
 from snopt.adjoint._solve import SolverError
 
 __all__ = ["AdjointObserver", "Field", "FieldOutputError", "SecondOrderResult", "SolveStats", "SolverError",
-           "ggn_vp", "hvp", "odeint", "second_order"]
+           "StepGuard", "ggn_vp", "hvp", "odeint", "second_order"]

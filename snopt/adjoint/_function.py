@@ -16,8 +16,8 @@ from torch import Tensor
 
 from snopt._checks import check_finite
 from snopt.adjoint._field import Field
-from snopt.adjoint._observer import AdjointObserver, SolveStats
-from snopt.adjoint._solve import rms, solve
+from snopt.adjoint._observer import AdjointObserver, SolveStats, StepGuard
+from snopt.adjoint._solve import SolverError, rms, solve
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,7 @@ class SolveConfig:
     observer: AdjointObserver | None = None
     stats: SolveStats | None = None
     adaptive_backward: bool = True
+    guard: StepGuard | None = None
 
 
 def _seminorm(state: tuple[Tensor, ...]) -> Tensor:
@@ -147,7 +148,14 @@ class _AdjointBackward(torch.autograd.Function):
     @staticmethod
     def forward(t: Tensor, ys: Tensor, grad_ys: Tensor, cfg: SolveConfig, need_t: bool,
                 *params: Tensor) -> tuple[Tensor, ...]:
-        return adjoint_backward(cfg, t, ys, grad_ys, tuple(params), need_t=need_t)
+        try:
+            return adjoint_backward(cfg, t, ys, grad_ys, tuple(params), need_t=need_t)
+        except SolverError as err:
+            if cfg.guard is None or not cfg.guard.backward_failed(err):
+                raise
+            # Absorbed: the optimizer that made the step behind this solve sees NaN gradients and undoes it.
+            nan = float("nan")
+            return (torch.full_like(ys[0], nan), torch.full_like(t, nan), *(torch.full_like(p, nan) for p in params))
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:

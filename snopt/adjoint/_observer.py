@@ -5,6 +5,8 @@ from typing import Protocol, runtime_checkable
 
 from torch import Tensor
 
+from snopt.adjoint._solve import SolverError
+
 
 @runtime_checkable
 class AdjointObserver(Protocol):
@@ -22,6 +24,35 @@ class AdjointObserver(Protocol):
 
     def on_backward_step(self, t: Tensor, dt: Tensor) -> None:
         """Receive one accepted backward step."""
+
+
+@runtime_checkable
+class StepGuard(Protocol):
+    """Decides whether a failed solve is absorbed (an optimizer undoes its step) or raised.
+
+    `snopt.SNOpt` sets one on every `ODEBlock` of its model (see `snopt.optim.StepRecovery`):
+    a solve that fails while the optimizer's latest step has not yet been validated was caused
+    by that step, so the optimizer undoes it instead of ending the user's run.
+
+    * ``forward_failed(err)`` — the forward solve raised `err`. True: `snopt.odeint` returns a
+      finite placeholder (zeros) instead of raising; the guard reruns the forward pass once the
+      step is undone, so the placeholder never reaches a loss. False: `err` is raised.
+    * ``backward_failed(err)`` — the adjoint backward solve raised `err`. True: the gradients of
+      this solve are NaN instead (the optimizer's next `step` sees them and undoes its step).
+      False: `err` is raised.
+    * ``tripped`` — a failure was absorbed during the current forward pass: later solves of it
+      return their placeholder at once, without solving.
+    """
+
+    @property
+    def tripped(self) -> bool:
+        """Whether the current forward pass already absorbed a failure."""
+
+    def forward_failed(self, err: SolverError) -> bool:
+        """Whether to absorb a failed forward solve."""
+
+    def backward_failed(self, err: SolverError) -> bool:
+        """Whether to absorb a failed backward solve."""
 
 
 @dataclass

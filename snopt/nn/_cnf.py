@@ -27,6 +27,9 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from snopt.adjoint._odeint import odeint
+from snopt.nn._ode_block import ODEBlock
+
 Divergence = Literal["exact", "hutchinson"]
 Activation = Literal["softplus", "tanh", "elu", "swish", "relu"]
 
@@ -169,8 +172,8 @@ class DivergenceField(nn.Module):
             raise ValueError(f"The CNF state z must have shape (batch, dim); got {tuple(z.shape)}.")
         record = torch.is_grad_enabled()
         with torch.enable_grad():
-            if not z.requires_grad:
-                z = z.detach().requires_grad_(True)
+            if not record or not z.requires_grad:  # a forward solve may hand in a no-grad view of a leaf,
+                z = z.detach().requires_grad_(True)  # whose derivative autograd would report as zero
             dz: Tensor = self.velocity(t, z)
             if self.divergence == "exact":
                 div = _exact_divergence(dz, z, create_graph=record)
@@ -302,7 +305,93 @@ def cnf_sample(field: DivergenceField, z: Tensor, t1: float, odeint_fn: OdeintFn
     return x
 
 
+class CNF(nn.Module):
+    """A continuous normalizing flow ``x ↦ log p(x)`` (nats) that `snopt.SNOpt` can train.
+
+    Its vector field sits in an `ODEBlock` (``cnf.block``), so `SNOpt` finds the field's layers,
+    gathers their Kronecker factors along the adjoint solve and guards the solves (step recovery);
+    the log-density is solved by `snopt.odeint` with the block's solver settings. Training is
+    maximum likelihood: ``loss = -cnf(x).mean()``.
+
+    Args:
+        dim: Data dimension.
+        hidden: Width of the concat-squash layers of the default field.
+        num_layers: Hidden layers of the default field.
+        field: The augmented field (default: ``CNFField(dim, hidden, num_layers, divergence=...)``).
+        t1: Integration time.
+        divergence: ``"exact"`` (small `dim`) or ``"hutchinson"`` for the default field.
+        method: torchdiffeq method.
+        rtol: Relative tolerance (forward and backward).
+        atol: Absolute tolerance (forward and backward).
+        adjoint_norm: Backward error control, ``"mixed"`` or ``"seminorm"`` (see `snopt.odeint`).
+
+    Example:
+        >>> cnf = CNF(2, hidden=32)  # doctest: +SKIP
+        >>> opt = snopt.SNOpt(cnf)  # doctest: +SKIP
+        >>> loss = -cnf(x).mean(); opt.zero_grad(); loss.backward(); opt.step()  # doctest: +SKIP
+    """
+
+    def __init__(self, dim: int, hidden: int = 64, num_layers: int = 2, *, field: DivergenceField | None = None,
+                 t1: float = 1.0, divergence: Divergence = "exact", method: str = "dopri5", rtol: float = 1e-3,
+                 atol: float = 1e-3, adjoint_norm: Literal["mixed", "seminorm"] = "mixed") -> None:
+        super().__init__()
+        f = field if field is not None else CNFField(dim, hidden=hidden, num_layers=num_layers,
+                                                     divergence=divergence)
+        if not isinstance(f, DivergenceField):
+            raise TypeError(f"`field` must be a DivergenceField (e.g. CNFField); got {type(f).__name__}.")
+        self.dim = dim
+        self.block = ODEBlock(f, t1=t1, method=method, rtol=rtol, atol=atol, adjoint_norm=adjoint_norm)
+
+    @property
+    def field(self) -> DivergenceField:
+        """The augmented CNF field."""
+        f = self.block.func
+        assert isinstance(f, DivergenceField)
+        return f
+
+    def _solver_kw(self, rtol: float | None, atol: float | None) -> dict[str, Any]:
+        b = self.block
+        return {"method": b.method, "rtol": rtol if rtol is not None else b.rtol,
+                "atol": atol if atol is not None else b.atol, "options": b.options,
+                "adjoint_options": b.adjoint_options, "adjoint_norm": b.adjoint_norm, "observer": b.observer,
+                "stats": b.stats, "guard": b.guard}
+
+    def forward(self, x: Tensor, *, rtol: float | None = None, atol: float | None = None) -> Tensor:
+        """The log-density log p(x) (nats), shape ``(batch,)``; ``block.stats`` counts its NFE.
+
+        Args:
+            x: Points ``(batch, dim)``.
+            rtol: Override of the relative tolerance (e.g. tighter for evaluation).
+            atol: Override of the absolute tolerance.
+
+        Returns:
+            log p(x).
+        """
+        self.block.stats.reset()
+        return cnf_log_density(self.field, x, float(self.block.t1), odeint, **self._solver_kw(rtol, atol))
+
+    @torch.no_grad()
+    def sample(self, n: int, *, generator: torch.Generator | None = None, rtol: float | None = None,
+               atol: float | None = None) -> Tensor:
+        """Draw `n` samples: standard-normal noise integrated from ``t1`` back to 0.
+
+        Args:
+            n: Number of samples.
+            generator: Random generator of the noise.
+            rtol: Override of the relative tolerance.
+            atol: Override of the absolute tolerance.
+
+        Returns:
+            Samples ``(n, dim)``, in the field's dtype and device.
+        """
+        p = next(self.field.parameters())
+        z = torch.randn(n, self.dim, generator=generator, dtype=p.dtype, device=p.device)
+        kw = {k: v for k, v in self._solver_kw(rtol, atol).items() if k not in ("observer", "guard")}
+        return cnf_sample(self.field, z, float(self.block.t1), odeint, **kw)
+
+
 __all__ = [
+    "CNF",
     "Activation",
     "CNFField",
     "ConcatSquashLinear",
