@@ -47,7 +47,7 @@ import snopt
 import snopt.curvature._collector as collector_module
 from snopt.curvature import FactorCollector, KronFactors, ggn_factors, kron_block
 from snopt.losses import MSELoss
-from verification.references import rel_err
+from snopt.testing import rel_err
 
 DT = torch.float64
 LossFn = Callable[[Tensor], Tensor]

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 import snopt
 from snopt.curvature import kron_block
 from snopt.losses import LinearCrossEntropy, sampled_cross_entropy
-from verification.references import rel_err
+from snopt.testing import rel_err
 from verification.test_kron_factors import DT, TOL_EXACT, ConstInputField, _randn, ggn_layer_block
 
 T1 = 0.75

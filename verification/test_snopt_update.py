@@ -27,7 +27,7 @@ import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
 import snopt
-from verification.references import rel_err
+from snopt.testing import rel_err
 
 DT = torch.float64
 TOL = 1e-10
@@ -120,15 +120,15 @@ class DenseEKFAC:
         self.m2 = torch.kron(lam_g.clamp(min=0), lam_a.clamp(min=0))
         self.A, self.G = A, G
 
-    def update(self, grad: Tensor, *, alpha: float, eps: float, batch: float) -> Tensor:
+    def update(self, grad: Tensor, *, alpha: float, eps: float, batch: float, power: float = 1.0) -> Tensor:
         g_hat = self.q.T @ grad.reshape(-1)
         self.m2 = alpha * self.m2 + (1 - alpha) * batch * g_hat**2
-        return (self.q @ (g_hat / (self.m2 + eps))).reshape(grad.shape)
+        return (self.q @ (g_hat / (self.m2 + eps) ** power)).reshape(grad.shape)
 
 
 def snopt_steps(name: str, *, alpha: float, eps: float, steps: int, lr: float = 1.0, update_freq: int = 2,
                 kl_clip: float | None = None, mutate: str | None = None, momentum: float = 0.0,
-                weight_decay: float = 0.0, scope: str = "increment") -> dict[str, list[float]]:
+                weight_decay: float = 0.0, scope: str = "increment", power: float = 1.0) -> dict[str, list[float]]:
     """Per layer, the relative error of −Δθ/lr of `steps` SNOpt steps over SGD(lr, momentum, wd) vs the dense step.
 
     The dense step of a layer is its velocity v ← μ·v + (ν_inc·u + wd·θ), θ ← θ − lr·v (SGD's momentum, its
@@ -141,7 +141,7 @@ def snopt_steps(name: str, *, alpha: float, eps: float, steps: int, lr: float = 
     model = make()
     x, y = _data(shape)
     opt = snopt.SNOpt(model, torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay),
-                      eps=eps, alpha=alpha, update_freq=update_freq, kl_clip=kl_clip, kl_clip_scope=scope)
+                      eps=eps, alpha=alpha, update_freq=update_freq, kl_clip=kl_clip, kl_clip_scope=scope, power=power)
     refs: dict[str, DenseEKFAC] = {}
     errs: dict[str, list[float]] = {layer.name: [] for layer in opt.layers}
     velocity: dict[str, Tensor] = {}
@@ -163,8 +163,8 @@ def snopt_steps(name: str, *, alpha: float, eps: float, steps: int, lr: float = 
                 batch = 1.0
             ref = refs[layer.name]
             expected[layer.name] = ref.update(grads[layer.name], alpha=1.0 if mutate == "frozen-m2" else alpha,
-                                              eps=eps, batch=batch)
-            if alpha == 1.0:  # KFAC with damping, by a dense solve
+                                              eps=eps, batch=batch, power=1.0 if mutate == "wrong-power" else power)
+            if alpha == 1.0 and power == 1.0:  # KFAC with damping, by a dense solve
                 kfac = torch.kron(ref.G, ref.A) + eps * torch.eye(ref.q.shape[0], dtype=DT)
                 direct = torch.linalg.solve(kfac, grads[layer.name].reshape(-1)).reshape(grads[layer.name].shape)
                 assert rel_err(expected[layer.name], direct) < 1e-9, layer.name
@@ -179,7 +179,7 @@ def snopt_steps(name: str, *, alpha: float, eps: float, steps: int, lr: float = 
             quad = 0.0
             for n, v in velocity.items():
                 step = (lr * v).reshape(-1)
-                quad += float(step @ (refs[n].q @ torch.diag(refs[n].m2 + eps) @ refs[n].q.T) @ step)
+                quad += float(step @ (refs[n].q @ torch.diag((refs[n].m2 + eps) ** power) @ refs[n].q.T) @ step)
             nu = min(1.0, (kl_clip / quad) ** 0.5)
             steps_taken = {n: nu * v for n, v in velocity.items()}
             if mutate != "unclipped-velocity":
@@ -214,6 +214,18 @@ def test_running_second_moment_and_refresh_over_four_steps(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize(("scope", "kl_clip"), [("increment", None), ("increment", 1e-3), ("step", 1e-3)])
+def test_adam_scaling_in_the_eigenbasis_equals_the_dense_definition(name: str, scope: str,
+                                                                    kl_clip: float | None) -> None:
+    # power = 1/2: U_G (G̃ / √(m2 + eps)) U_Aᵀ (Adam's scaling in the Kronecker eigenbasis, SOAP-like), with the
+    # trust region measuring steps under Q diag(√(m2 + eps)) Qᵀ; four steps over SGD with momentum, a refresh
+    # and running m2 included.
+    errs = snopt_steps(name, alpha=0.75, eps=1e-3, steps=4, lr=0.01, kl_clip=kl_clip, scope=scope, power=0.5,
+                       momentum=0.9)
+    assert max(max(e) for e in errs.values()) < TOL, errs
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
 @pytest.mark.parametrize("kl_clip", [1e-6, 1e-3, 1e6])
 def test_kl_clip_scales_every_layer_by_the_trust_region_factor(name: str, kl_clip: float) -> None:
     # The trust region: all preconditioned layers share one factor ν = min(1, √(kl_clip / Σ lr²⟨u, ∇W⟩)).
@@ -226,7 +238,8 @@ def test_kl_clip_bounds_the_predicted_change_and_rejects_bad_values() -> None:
     make, shape = MODELS["mlp"]
     model = make()
     x, y = _data(shape)
-    opt = snopt.SNOpt(model, torch.optim.SGD(model.parameters(), lr=0.1), kl_clip=1e-4, update_freq=1)
+    opt = snopt.SNOpt(model, torch.optim.SGD(model.parameters(), lr=0.1), eps=0.05, kl_clip=1e-4, update_freq=1,
+                      kl_clip_scope="increment")
     opt.zero_grad()
     F.cross_entropy(model(x), y).backward()  # type: ignore[no-untyped-call]
     refs = {}
@@ -262,7 +275,7 @@ def _displacement(name: str, *, lr: float, kl_clip: float | None, full_precond: 
     x, y = _data(shape)
     start = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     opt = snopt.SNOpt(model, torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9), eps=0.05, update_freq=2,
-                      kl_clip=kl_clip, full_precond=full_precond)
+                      kl_clip=kl_clip, kl_clip_scope="increment", full_precond=full_precond)
     nus = []
     for _ in range(steps):
         opt.zero_grad()
@@ -294,11 +307,12 @@ def test_a_binding_trust_region_leaves_the_learning_rate_no_role(name: str) -> N
     assert outside > 0.5
 
 
-@pytest.mark.parametrize("mutate", ["frozen-m2", "no-batch-factor", "stale-basis", "no-clip"])
+@pytest.mark.parametrize("mutate", ["frozen-m2", "no-batch-factor", "stale-basis", "no-clip", "wrong-power"])
 def test_the_check_fails_on_a_wrong_reference(mutate: str) -> None:
     # The same comparison against a reference with one planted mistake: it must fail clearly.
     errs = snopt_steps("mlp", alpha=0.75, eps=0.05, steps=4, lr=0.01 if mutate != "no-clip" else 0.1,
-                       kl_clip=1e-4 if mutate == "no-clip" else None, mutate=mutate)
+                       kl_clip=1e-4 if mutate == "no-clip" else None, mutate=mutate,
+                       power=0.5 if mutate == "wrong-power" else 1.0)
     worst = max(max(e) for e in errs.values())
     assert worst > 1e-2, errs
 

@@ -66,18 +66,16 @@ import hashlib
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from snopt.curvature._eigen import CurvatureWarning, EigenBasis, eigenbasis, init_second_moment
+from snopt.curvature._eigen import CurvatureWarning, EigenBasis, eigenbases, init_second_moments
 from snopt.curvature._kron import KronFactors, TimeSharing
 from snopt.curvature._layers import layer_dims
-
-if TYPE_CHECKING:
-    from snopt.optim._snopt import SNOpt
+from snopt.optim._protocols import CurvatureOwner
 
 BUCKET_BYTES = 25 * 2**20
 """Default cap on one all-reduce bucket (as DDP's ``bucket_cap_mb=25``)."""
@@ -265,7 +263,7 @@ class DistributedCurvature:
     single-process refresh. Construction is collective (all ranks, same point).
 
     Args:
-        opt: The `SNOpt` whose layers and collectors to synchronise.
+        opt: The optimizer (a `SNOpt`) whose layers and collectors to synchronise.
         group: Process group (default: the world).
         bucket_bytes: Cap on one all-reduce bucket.
 
@@ -284,7 +282,7 @@ class DistributedCurvature:
         ValueError: If the ranks' layer sets or settings differ (raised on every rank).
     """
 
-    def __init__(self, opt: "SNOpt", group: ProcessGroup = None, *, bucket_bytes: int = BUCKET_BYTES) -> None:
+    def __init__(self, opt: CurvatureOwner, group: ProcessGroup = None, *, bucket_bytes: int = BUCKET_BYTES) -> None:
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError("SNOpt(distributed=True) needs an initialised torch.distributed process group "
                                "(torch.distributed.init_process_group, e.g. under torchrun).")
@@ -311,14 +309,14 @@ class DistributedCurvature:
         self._total_calls = 0
 
     # -- construction check ------------------------------------------------------------------
-    def _signature(self, opt: "SNOpt") -> list[str]:
+    def _signature(self, opt: CurvatureOwner) -> list[str]:
         lines = [f"update_freq={opt.update_freq} sampling={opt.sampling} collectors="
                  + ",".join(f"{c.mode}/{c.time_sharing.value}" for c in opt.collectors)]
         lines += [f"{s.collector}:{s.name}:{type(opt.layers[s.index].module).__name__}:{s.d_in}x{s.d_out}:"
                   f"{s.dtype}:{s.device.type}" for s in self.specs]
         return lines
 
-    def _check_same_layers(self, opt: "SNOpt") -> None:
+    def _check_same_layers(self, opt: CurvatureOwner) -> None:
         sig = self._signature(opt)
         digest = int.from_bytes(hashlib.sha256("\n".join(sig).encode()).digest()[:7], "big")
         device = self.specs[0].device if self.specs else torch.device("cpu")
@@ -340,7 +338,7 @@ class DistributedCurvature:
                          "(every rank must build the same model and optimizer): " + "; ".join(diffs))
 
     # -- refresh -----------------------------------------------------------------------------
-    def _local_factors(self, opt: "SNOpt") -> list[KronFactors | None]:
+    def _local_factors(self, opt: CurvatureOwner) -> list[KronFactors | None]:
         per_collector = [c.kron_factors() for c in opt.collectors]
         out: list[KronFactors | None] = []
         for s in self.specs:
@@ -348,7 +346,7 @@ class DistributedCurvature:
             out.append(f if f is not None and f.steps > 0 and bool(f.weight > 0) else None)
         return out
 
-    def reduce_factors(self, opt: "SNOpt") -> tuple[list[KronFactors | None], list[float], list[int]]:
+    def reduce_factors(self, opt: CurvatureOwner) -> tuple[list[KronFactors | None], list[float], list[int]]:
         """All-reduce every layer's factors (collective; see the module docstring).
 
         Args:
@@ -431,13 +429,18 @@ class DistributedCurvature:
             groups.setdefault((s.dtype, s.device), []).append(s)
         bases: list[EigenBasis | None] = [None] * len(self.specs)
         self.stats.bases_calls = self.stats.bases_bytes = self.stats.eigh_layers = 0
+        # this rank's layers in one batched refresh; every owned factor gets a basis (non-finite ones were
+        # caught by the reduction's flags, so the identity fallback only guards against eigh failures)
+        owned = eigenbases([f if self.owners[s.index] == self.rank else None for s, f in zip(
+            self.specs, (factors[s.index] for s in self.specs), strict=True)],
+            damping=damping, on_nonfinite="identity", skip_empty=False).bases
         for (dtype, device), specs in groups.items():
             method, offsets, length = self._share_plan(specs)
             mine = torch.zeros(length, dtype=dtype, device=device)
             for s, off in zip(specs, offsets, strict=True):
                 f = factors[s.index]
-                if self.owners[s.index] == self.rank and f is not None:
-                    b = eigenbasis(f, damping=damping)
+                b = owned[s.index]
+                if self.owners[s.index] == self.rank and f is not None and b is not None:
                     self.stats.eigh_layers += 1
                     mine[off:off + s.eig_numel] = torch.cat(
                         [b.U_A.reshape(-1), b.U_G.reshape(-1), b.lam_A, b.lam_G]).to(dtype)
@@ -462,7 +465,7 @@ class DistributedCurvature:
                                             lam_A=lam_a.clone(), lam_G=lam_g.clone())
         return bases
 
-    def refresh(self, opt: "SNOpt") -> None:
+    def refresh(self, opt: CurvatureOwner) -> None:
         """The distributed refresh: reduce factors, decompose this rank's layers, share the bases (collective)."""
         factors, batch_sizes, bad_ranks = self.reduce_factors(opt)
         calls = self.stats.allreduce_calls
@@ -475,19 +478,19 @@ class DistributedCurvature:
                                  for s, f in zip(self.specs, factors, strict=True) if f is not None}
             bases = self._gather_bases(factors, opt.damping)
             calls += self.stats.bases_calls
-            for layer, spec, basis in zip(opt.layers, self.specs, bases, strict=True):
-                if basis is None:
+            for layer, spec, basis, m2 in zip(opt.layers, self.specs, bases, init_second_moments(bases), strict=True):
+                if basis is None or m2 is None:
                     continue
                 opt.state[layer.weight].update({
                     "U_A": basis.U_A, "U_G": basis.U_G, "lam_A": basis.lam_A, "lam_G": basis.lam_G,
-                    "m2": init_second_moment(basis), "batch_size": batch_sizes[spec.collector]})
+                    "m2": m2, "batch_size": batch_sizes[spec.collector]})
         self._total_calls += calls
         self.stats.total_calls = self._total_calls
         for c in opt.collectors:
             c.reset()
 
 
-def make_distributed(opt: "SNOpt", distributed: bool | None,
+def make_distributed(opt: CurvatureOwner, distributed: bool | None,
                      model: nn.Module | None = None) -> DistributedCurvature | None:
     """The `DistributedCurvature` for `opt`, or None (SNOpt's ``distributed`` argument).
 

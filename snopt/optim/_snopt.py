@@ -2,7 +2,6 @@
 
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -10,18 +9,12 @@ from torch import Tensor, nn
 
 from snopt._checks import ADAPTIVE_METHODS
 from snopt.curvature._collector import FactorCollector
-from snopt.curvature._eigen import CurvatureWarning, EigenBasis, eigenbasis, init_second_moment, precondition_, rotate
+from snopt.curvature._eigen import EigenBasis, eigenbases, init_second_moments, precondition_, rotate
 from snopt.curvature._layers import set_weight_grad_matrix, weight_grad_matrix
 from snopt.nn._ode_block import ODEBlock
 from snopt.optim._distributed import make_distributed
-
-
-@dataclass(frozen=True)
-class _Layer:
-    collector: FactorCollector
-    name: str
-    module: nn.Module
-    weight: Tensor
+from snopt.optim._protocols import KronLayerRef as _Layer
+from snopt.optim._recovery import StepRecovery, all_finite
 
 
 class SNOpt(torch.optim.Optimizer):
@@ -45,9 +38,13 @@ class SNOpt(torch.optim.Optimizer):
 
     Args:
         model: The model (its ODEBlocks and layers are found by `modules()`).
-        base: The base optimizer over (some of) `model`'s parameters.
-        eps: Damping added to m2 (> 0).
-        update_freq: Steps between factor refreshes (≥ 1).
+        base: The base optimizer over (some of) `model`'s parameters (default:
+            ``SGD(model's trainable parameters, lr=SNOpt.DEFAULT_LR, momentum=0.9)``).
+        eps: Damping added to m2 (> 0). Default 3e-3, with `update_freq` 10, `kl_clip` 1e-2
+            (scope ``"step"``) and the default base: the setting with the smallest worst-case
+            slowdown over eight applications in ``benchmarks/results/defaults.md``.
+        update_freq: Steps between factor refreshes (≥ 1); iterations in between are plain
+            adjoint solves that only apply the current preconditioner.
         alpha: Decay of m2 in [0, 1].
         full_precond: Also precondition Linear/Conv2d layers outside ODE blocks.
         damping: Extra shift added to the factors' eigenvalues (≥ 0).
@@ -75,21 +72,33 @@ class SNOpt(torch.optim.Optimizer):
             ν = √(kl_clip / q), and SGD's momentum buffers of those parameters are scaled by ν
             too, so the velocity carried forward is the step taken (a velocity clip). Other
             parameters' steps are left as the base optimizer made them.
+        power: Exponent of the eigen-corrected scaling: the update is U_G (G̃ / (m2 + eps)^power) U_Aᵀ.
+            1 (default): EKFAC's natural-gradient step; 0.5: Adam's scaling run in SNOpt's eigenbasis
+            (as SOAP does in Shampoo's). The trust region measures steps in the same metric.
+        recovery: Undo a step that breaks a solve instead of ending the run
+            (`snopt.optim.StepRecovery`): a forward or backward `SolverError`, a non-finite model
+            output or gradient at the parameters a step produced restores the parameters and
+            the optimizer state exactly, scales later steps down (``opt.recovery.stats``), and
+            training goes on; the user's loop never sees the failure. Costs one copy of the
+            parameters and optimizer state per step. False: failures raise as they occur.
 
     Raises:
         ValueError: On invalid hyper-parameters, or a model with nothing to precondition.
 
     Example:
-        >>> opt = SNOpt(model, torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9))  # doctest: +SKIP
+        >>> opt = SNOpt(model)  # doctest: +SKIP
         >>> for x, y in loader:  # doctest: +SKIP
         ...     opt.zero_grad(); loss = crit(model(x), y); loss.backward(); opt.step()
     """
 
-    def __init__(self, model: nn.Module, base: torch.optim.Optimizer, *, eps: float = 0.05, update_freq: int = 100,
-                 alpha: float = 0.75, full_precond: bool = True, damping: float = 0.0,
+    DEFAULT_LR = 0.1
+    """Learning rate of the default base, ``SGD(trainable parameters, lr=0.1, momentum=0.9)``."""
+
+    def __init__(self, model: nn.Module, base: torch.optim.Optimizer | None = None, *, eps: float = 3e-3,
+                 update_freq: int = 10, alpha: float = 0.75, full_precond: bool = True, damping: float = 0.0,
                  time_sharing: str = "expand", sampling: str = "steps", grid_h: float = 0.01,
-                 distributed: bool | None = None, kl_clip: float | None = None,
-                 kl_clip_scope: str = "increment") -> None:
+                 distributed: bool | None = None, kl_clip: float | None = 1e-2,
+                 kl_clip_scope: str = "step", power: float = 1.0, recovery: bool = True) -> None:
         if kl_clip is not None and not kl_clip > 0:
             raise ValueError(f"Invalid kl_clip: {kl_clip} (must be > 0, or None for no clipping)")
         if kl_clip_scope not in ("increment", "step"):
@@ -100,6 +109,8 @@ class SNOpt(torch.optim.Optimizer):
             raise ValueError(f"Invalid alpha: {alpha} (must be in [0, 1])")
         if not isinstance(update_freq, int) or update_freq < 1:
             raise ValueError(f"Invalid update_freq: {update_freq} (must be an integer ≥ 1)")
+        if not 0.0 < power <= 1.0:
+            raise ValueError(f"Invalid power: {power} (must be in (0, 1])")
         if not damping >= 0:
             raise ValueError(f"Invalid damping: {damping} (must be ≥ 0)")
         if sampling not in ("steps", "grid"):
@@ -108,6 +119,11 @@ class SNOpt(torch.optim.Optimizer):
             raise ValueError(f"Invalid grid_h: {grid_h} (must be > 0)")
         if time_sharing not in ("expand", "reduce"):
             raise ValueError(f"Invalid time_sharing: {time_sharing!r} (must be 'expand' or 'reduce')")
+        if base is None:
+            trainable = [p for p in model.parameters() if p.requires_grad]
+            if not trainable:
+                raise ValueError("`model` has no trainable parameters for SNOpt's default base optimizer.")
+            base = torch.optim.SGD(trainable, lr=self.DEFAULT_LR, momentum=0.9)
         if not isinstance(base, torch.optim.Optimizer):
             raise TypeError(f"`base` must be a torch.optim.Optimizer; got {type(base).__name__}.")
         self.base = base
@@ -115,6 +131,8 @@ class SNOpt(torch.optim.Optimizer):
         self.damping = damping
         self.kl_clip = kl_clip
         self.kl_clip_scope = kl_clip_scope
+        self.power = power
+        self._groups: dict[int, dict[str, Any]] = {}
         super().__init__(base.param_groups, {"snopt_eps": eps, "snopt_alpha": alpha})
         self.param_groups = base.param_groups
         owned = {id(p) for g in self.param_groups for p in g["params"]}
@@ -146,10 +164,20 @@ class SNOpt(torch.optim.Optimizer):
         self._set_collecting(True)
         # distributed (DDP): factor all-reduce + per-rank eigendecompositions, see snopt.optim._distributed
         self._dist = make_distributed(self, distributed, model)
+        self.recovery: StepRecovery | None = None
+        if recovery:
+            self.recovery = StepRecovery(self, model, distributed=self._dist is not None,
+                                         group=self._dist.group if self._dist is not None else None)
+            for block in self.blocks:
+                block.guard = self.recovery
 
     def _set_collecting(self, on: bool) -> None:
         for c in self.collectors:
             c.enabled = on
+        # A block reports its backward steps only while its collector gathers: a plain iteration's adjoint is
+        # then exactly a plain adjoint (no callbacks, no step pinned to the interval's end).
+        for block, c in zip(self.blocks, self.collectors, strict=False):
+            block.observer = c if on else None
         if self.sampling == "grid":
             for block in self.blocks:
                 block.adjoint_options = self._grid_options(block) if on else None
@@ -162,32 +190,39 @@ class SNOpt(torch.optim.Optimizer):
         opts["step_t"] = grid[(grid > t0) & (grid < t1)]
         return opts
 
-    def _group_of(self, p: Tensor) -> dict[str, Any]:
-        for g in self.param_groups:
-            if any(q is p for q in g["params"]):
-                return g
-        raise KeyError("parameter not in any group")
-
     def _grads_finite(self) -> bool:
-        return all(bool(torch.isfinite(p.grad).all()) for g in self.param_groups for p in g["params"]
-                   if p.grad is not None)
+        return all_finite([p.grad for g in self.param_groups for p in g["params"] if p.grad is not None])
+
+    def counters(self) -> dict[str, Any]:
+        """The scalars a step changes: the step count and the last trust-region factor."""
+        return {"step": self._k, "last_clip": self.last_clip}
+
+    def restore_counters(self, counters: dict[str, Any]) -> None:
+        """Set the step count and trust-region factor back (an undone step) and reset the collectors.
+
+        Args:
+            counters: As returned by `counters` before the step.
+        """
+        self._k = int(counters["step"])
+        self.last_clip = float(counters["last_clip"])
+        for c in self.collectors:
+            c.reset()
+        self._set_collecting(self._k % self.update_freq == 0)
 
     def _refresh(self) -> None:
         if self._dist is not None:  # distributed refresh (snopt.optim._distributed)
             self._dist.refresh(self)
             return
+        # One batched eigh per factor size and one host sync for the whole refresh (snopt.curvature.eigenbases);
+        # a layer without data, or with non-finite factors (a CurvatureWarning), keeps its previous basis.
         factors = {id(c): c.kron_factors() for c in self.collectors}
-        for layer in self.layers:
-            f = factors[id(layer.collector)].get(layer.name)
-            if f is None or not bool(f.weight > 0):
+        refresh = eigenbases([factors[id(layer.collector)].get(layer.name) for layer in self.layers],
+                             damping=self.damping, names=[layer.name for layer in self.layers])
+        for layer, basis, m2 in zip(self.layers, refresh.bases, init_second_moments(refresh.bases), strict=True):
+            if basis is None or m2 is None:
                 continue
-            if not (bool(torch.isfinite(f.A).all()) and bool(torch.isfinite(f.G).all())):
-                warnings.warn(f"Non-finite Kronecker factors for layer {layer.name!r}: keeping its previous "
-                              "eigenbasis.", CurvatureWarning, stacklevel=3)
-                continue
-            basis = eigenbasis(f, damping=self.damping)
             self.state[layer.weight].update({"U_A": basis.U_A, "U_G": basis.U_G, "lam_A": basis.lam_A,
-                                             "lam_G": basis.lam_G, "m2": init_second_moment(basis),
+                                             "lam_G": basis.lam_G, "m2": m2,
                                              "batch_size": float(layer.collector.batch_size)})
         for c in self.collectors:
             c.reset()
@@ -206,24 +241,31 @@ class SNOpt(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        rec = self.recovery
         if not self._grads_finite():
+            if rec is not None and rec.gradient_failure():  # the previous step is undone
+                return loss
             warnings.warn("Non-finite gradient: SNOpt step skipped (parameters, factors and m2 unchanged).",
                           RuntimeWarning, stacklevel=2)
             for c in self.collectors:
                 c.reset()
             return loss
+        if rec is not None:
+            rec.validate()  # the previous step gave a finite forward and backward pass
+            rec.capture()
         if self._k % self.update_freq == 0:
             self._refresh()
         updates: list[tuple[_Layer, Tensor, Tensor]] = []  # (layer, ∇W, u)
+        self._groups = {id(p): g for g in self.param_groups for p in g["params"]}
         for layer in self.layers:
             st = self.state[layer.weight]
             if "m2" not in st or layer.weight.grad is None:
                 continue
-            group = self._group_of(layer.weight)
+            group = self._groups[id(layer.weight)]
             grad_mat = weight_grad_matrix(layer.module)
             update = precondition_(grad_mat, self._basis(layer), st["m2"],
                                    alpha=float(group["snopt_alpha"]), eps=float(group["snopt_eps"]),
-                                   scale=float(st["batch_size"]))
+                                   scale=float(st["batch_size"]), power=self.power)
             updates.append((layer, grad_mat, update))
         if self.kl_clip is not None and self.kl_clip_scope == "step":
             self._clipped_base_step(updates)
@@ -231,23 +273,27 @@ class SNOpt(torch.optim.Optimizer):
             self._increment_clipped_base_step(updates)
         self._k += 1
         self._set_collecting(self._k % self.update_freq == 0)
+        if rec is not None:
+            rec.after_step()
         return loss
 
     def _basis(self, layer: _Layer) -> EigenBasis:
         st = self.state[layer.weight]
         return EigenBasis(U_A=st["U_A"], U_G=st["U_G"], lam_A=st["lam_A"], lam_G=st["lam_G"])
 
-    def _quad(self, layer: _Layer, d: Tensor) -> float:
-        """dᵀF̃d for a [W, b] matrix d under the layer's preconditioner F̃ = Q diag(m2 + eps) Qᵀ."""
-        eps = float(self._group_of(layer.weight)["snopt_eps"])
-        return float((rotate(d, self._basis(layer)).square() * (self.state[layer.weight]["m2"] + eps)).sum())
+    def _quad(self, layer: _Layer, d: Tensor) -> Tensor:
+        """dᵀF̃d for a [W, b] matrix d under the layer's preconditioner F̃ = Q diag((m2 + eps)^power) Qᵀ."""
+        eps = float(self._groups[id(layer.weight)]["snopt_eps"])
+        scaling: Tensor = (self.state[layer.weight]["m2"] + eps).pow(self.power)
+        return (rotate(d, self._basis(layer)).square() * scaling).sum()
 
     def _increment_clipped_base_step(self, updates: list[tuple[_Layer, Tensor, Tensor]]) -> None:
         # ⟨u, ∇W⟩ = uᵀF̃u: each increment −lr·u is bounded before the base optimizer sums them
         nu = 1.0
-        if self.kl_clip is not None:
-            vg_sum = sum(float(self._group_of(layer.weight)["lr"]) ** 2 * float((update * grad_mat).sum())
-                         for layer, grad_mat, update in updates)
+        if self.kl_clip is not None and updates:
+            vg_sum = float(torch.stack([  # one host sync for all layers
+                float(self._groups[id(layer.weight)]["lr"]) ** 2 * (update * grad_mat).sum().to(updates[0][1])
+                for layer, grad_mat, update in updates]).sum())
             if vg_sum > self.kl_clip:
                 nu = (self.kl_clip / vg_sum) ** 0.5
         self.last_clip = nu
@@ -265,14 +311,15 @@ class SNOpt(torch.optim.Optimizer):
         before = [p.detach().clone() for p in params]
         self.base.step()
         start = dict(zip(map(id, params), before, strict=True))
-        q = 0.0
+        quads: list[Tensor] = []
         for layer in layers:
             w, b = layer.module.weight, layer.module.bias
             assert isinstance(w, Tensor)
             d = (w - start[id(w)]).reshape(w.shape[0], -1)
             if isinstance(b, Tensor):
                 d = torch.cat([d, (b - start[id(b)]).reshape(-1, 1)], dim=1)
-            q += self._quad(layer, d)
+            quads.append(self._quad(layer, d))
+        q = float(torch.stack([x.to(quads[0]) for x in quads]).sum()) if quads else 0.0  # one host sync
         nu = (self.kl_clip / q) ** 0.5 if q > self.kl_clip else 1.0
         self.last_clip = nu
         if nu < 1.0:
@@ -327,7 +374,11 @@ class SNOpt(torch.optim.Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         """SNOpt's per-layer state (eigenbases, m2), its step counter and the base optimizer's state."""
-        return {"snopt": super().state_dict(), "base": self.base.state_dict(), "step": self._k}
+        out = {"snopt": super().state_dict(), "base": self.base.state_dict(), "step": self._k,
+               "last_clip": self.last_clip}
+        if self.recovery is not None:
+            out["recovery"] = self.recovery.state_dict()
+        return out
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore what `state_dict` returned; the next steps are then identical.
@@ -339,11 +390,16 @@ class SNOpt(torch.optim.Optimizer):
         super().load_state_dict(state_dict["snopt"])
         self.param_groups = self.base.param_groups
         self._k = int(state_dict["step"])
+        self.last_clip = float(state_dict.get("last_clip", 1.0))
         self._set_collecting(self._k % self.update_freq == 0)
+        if self.recovery is not None and "recovery" in state_dict:
+            self.recovery.load_state_dict(state_dict["recovery"])
 
     def remove_hooks(self) -> None:
-        """Detach every collector hook (the optimizer then only applies its current bases)."""
+        """Detach every collector hook (the optimizer then only applies its current bases) and the recovery's."""
         for c in self.collectors:
             c.remove()
+        if self.recovery is not None:
+            self.recovery.remove()
 
 
