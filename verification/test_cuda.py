@@ -96,15 +96,15 @@ def test_snopt_steps_agree_cpu_gpu() -> None:
 
 @cuda
 def test_experiment_runner_trains_alike_on_cpu_and_gpu() -> None:
-    """`--device cuda` in `snopt.experiments`: same initial model, same batches, same losses as on the CPU.
+    """`--device cuda` in `benchmarks.apps`: same initial model, same batches, same losses as on the CPU.
 
     Runs SGD, whose trajectory carries float32 round-off along without amplifying it. Adam's
     first steps are sign-like (m / sqrt(v)), so round-off in a near-zero gradient flips a whole
     lr-sized step: measured on an H100 after 6 steps, 1.8e-3 for Adam and 2.6e-4 for SNOpt (whose
     CPU/GPU agreement is checked in float64 above), so those are not compared here.
     """
-    from snopt.experiments import RunConfig
-    from snopt.experiments._runner import run
+    from benchmarks.apps import RunConfig
+    from benchmarks.apps._runner import run
 
     hist = {}
     for device in ("cpu", "cuda"):
@@ -133,10 +133,10 @@ def test_an_interrupted_cuda_run_resumes_to_the_uninterrupted_trajectory(
     cuDNN is asked for deterministic kernels (the digits model's convolutions); the test first checks
     that two uninterrupted runs agree, so a difference afterwards is the checkpoint's.
     """
-    from snopt.experiments import RunConfig, train
-    from snopt.experiments._cnf import CNFTask
-    from snopt.experiments._common import Task
-    from snopt.experiments._digits import ImageTask
+    from benchmarks.apps import RunConfig, train
+    from benchmarks.apps._cnf import CNFTask
+    from benchmarks.apps._common import Task
+    from benchmarks.apps._digits import ImageTask
 
     monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)

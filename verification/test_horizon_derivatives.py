@@ -3,11 +3,11 @@
 References (independent of snopt's adjoint code):
 
 * **Grid that moves with t1.** `torch.func` (grad / jacrev / hessian) of the loss through our
-  pure-torch RK4 (`references.rk_solve`, torchdiffeq's 3/8 rule) with n steps of size
+  pure-torch RK4 (`snopt.testing.rk_solve`, torchdiffeq's 3/8 rule) with n steps of size
   (t1 − t0)/n, so t1 enters every grid point. snopt solves with ``method="rk4",
   options={"step_size": h}`` on the same grid (t1 − t0 a multiple of h) and differentiates first,
   so the two agree up to O(h⁴) (h = 1/128: h⁴ = 3.7e-9), not to rounding.
-* **Closed form.** dx/dt = A x + b by `matrix_exp` (`ClosedFormReference`) and the scalar
+* **Closed form.** dx/dt = A x + b by `matrix_exp` (`snopt.testing.ClosedFormReference`) and the scalar
   x0 e^{a t} (`scalar_derivatives` of test_horizon_convergence.py, itself checked here against
   `torch.func.hessian` of the closed form), against dopri5 at tight tolerance.
 
@@ -43,9 +43,16 @@ from torch.func import functional_call, hessian, jacrev
 
 import snopt
 from snopt.optim._horizon import HorizonController, HorizonDerivatives, horizon_derivatives
-from verification._second_order_refs import Case, ClosedFormReference, GridReference, cases
-from verification.references import LinearField, rel_err, rk_solve
-from verification.strategies import FieldSpec
+from snopt.testing import (
+    ClosedFormReference,
+    FieldSpec,
+    GridReference,
+    LinearField,
+    SecondOrderProblem,
+    rel_err,
+    rk_solve,
+)
+from snopt.testing.strategies import second_order_problems
 from verification.test_horizon_convergence import ScalarLinear, scalar_derivatives
 
 STEP = 1.0 / 128
@@ -57,12 +64,18 @@ TOL = 1e-6
 
 
 
-def forward_cases(kind: str = "mlp") -> st.SearchStrategy[Case]:
-    """`cases` with a forward span ending at a positive t1 (the controller's domain)."""
-    return cases(kind, max_batch=4).filter(lambda c: c.t1 > c.t0 and c.t1 > 0)
+def t1_reference(ref: GridReference | ClosedFormReference) -> dict[str, Tensor]:
+    """The reference's ∂L/∂t1, ∂²L/∂t1² and ∂²L/∂t1∂θ by block name."""
+    so = ref.second_order()
+    return {k: cast(Tensor, getattr(so, k)) for k in ("grad_t1", "hess_t1", "hess_t1_params")}
 
 
-def make_block(case: Case, func: nn.Module, solver: dict[str, Any]) -> snopt.ODEBlock:
+def forward_cases(kind: str = "mlp") -> st.SearchStrategy[SecondOrderProblem]:
+    """`second_order_problems` with a forward span ending at a positive t1 (the controller's domain)."""
+    return second_order_problems(kind, max_batch=4).filter(lambda c: c.t1 > c.t0 and c.t1 > 0)
+
+
+def make_block(case: SecondOrderProblem, func: nn.Module, solver: dict[str, Any]) -> snopt.ODEBlock:
     block = snopt.ODEBlock(func, t1=case.t1, t0=case.t0, method=solver["method"], rtol=solver.get("rtol", 1e-7),
                            atol=solver.get("atol", 1e-9), options=solver.get("options"))
     return block.double()
@@ -102,7 +115,7 @@ def scalar_errors(got: dict[str, float], want: dict[str, float]) -> dict[str, fl
             for k in want}
 
 
-def exact_errors(case: Case, solver: dict[str, Any], ref: dict[str, Tensor], *, rho: float, seed: int,
+def exact_errors(case: SecondOrderProblem, solver: dict[str, Any], ref: dict[str, Tensor], *, rho: float, seed: int,
                  drop_t1_term: bool = False, drop_feedback: bool = False) -> dict[str, float]:
     """Errors of `horizon_derivatives` and of the controller's use of them against `ref`.
 
@@ -135,18 +148,17 @@ def exact_errors(case: Case, solver: dict[str, Any], ref: dict[str, Tensor], *, 
 # ----------------------------------------------------------------------------------------------
 
 @given(case=forward_cases(), rho=st.floats(min_value=0.0, max_value=2.0), seed=st.integers(0, 2**16))
-def test_exact_vs_grid(case: Case, rho: float, seed: int) -> None:
+def test_exact_vs_grid(case: SecondOrderProblem, rho: float, seed: int) -> None:
     func, x0, t_span, loss_fn = case.build()
-    ref = GridReference(func, x0, t_span, loss_fn, case.steps(STEP)).blocks()
+    ref = t1_reference(GridReference(func, x0, t_span, loss_fn, steps=case.steps(STEP)))
     errs = exact_errors(case, GRID, ref, rho=rho, seed=seed)
     assert max(errs.values()) <= TOL, (case, errs)
 
 
 @given(case=forward_cases("linear"), rho=st.floats(min_value=0.0, max_value=2.0), seed=st.integers(0, 2**16))
-def test_exact_vs_closed_form_linear(case: Case, rho: float, seed: int) -> None:
+def test_exact_vs_closed_form_linear(case: SecondOrderProblem, rho: float, seed: int) -> None:
     func, x0, t_span, loss_fn = case.build()
-    lin = cast(LinearField, func)
-    ref = ClosedFormReference(lin.A.detach(), lin.b.detach(), x0, t_span, loss_fn).blocks()
+    ref = t1_reference(ClosedFormReference(cast(LinearField, func), x0, t_span, loss_fn))
     errs = exact_errors(case, TIGHT, ref, rho=rho, seed=seed)
     assert max(errs.values()) <= TOL, (case, errs)
 
@@ -171,10 +183,10 @@ def test_scalar_closed_form(a: float, t1: float, x0: float, y: float) -> None:
 
 
 def test_exact_checks_can_fail() -> None:
-    case = Case(kind="mlp", dim=2, width=4, activation="tanh", time_dependent=True, batch=3, t0=0.0, t1=0.5,
-                loss="mse", seed=3)
+    case = SecondOrderProblem(kind="mlp", dim=2, width=4, activation="tanh", time_dependent=True, batch=3, t0=0.0,
+                              t1=0.5, loss="mse", seed=3)
     func, x0, t_span, loss_fn = case.build()
-    ref = GridReference(func, x0, t_span, loss_fn, case.steps(STEP)).blocks()
+    ref = t1_reference(GridReference(func, x0, t_span, loss_fn, steps=case.steps(STEP)))
     assert max(exact_errors(case, GRID, ref, rho=0.1, seed=0).values()) <= TOL
     bad = exact_errors(case, GRID, ref, rho=0.1, seed=0, drop_t1_term=True)
     assert bad["hess_t1"] >= 1e-3 and bad["step_feedback"] >= 1e-3, bad

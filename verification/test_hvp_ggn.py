@@ -19,8 +19,8 @@ from hypothesis import given, settings
 from torch import Tensor, nn
 
 import snopt
-from verification._second_order_refs import Case, cases
-from verification.references import rel_err
+from snopt.testing import SecondOrderProblem, rel_err
+from snopt.testing.strategies import second_order_problems
 
 STEP = 1.0 / 256
 GRID: dict[str, Any] = {"method": "rk4", "options": {"step_size": STEP}}
@@ -77,8 +77,8 @@ def _rel_asym(m: Tensor) -> float:
 # ----------------------------------------------------------------------------------------------
 
 @settings(max_examples=_fraction(2))
-@given(cases("mlp", lattice=1 / 16, max_units=2, max_batch=4))
-def test_hessian_symmetric_and_hvp_agrees(case: Case) -> None:
+@given(second_order_problems("mlp", lattice=1 / 16, max_units=2, max_batch=4))
+def test_hessian_symmetric_and_hvp_agrees(case: SecondOrderProblem) -> None:
     """Full W symmetric; hvp == hess_params v; ggn_vp == GN hess_params v; vᵀ(H w) == wᵀ(H v)."""
     func, x0, t_span, loss_fn = case.build()
     p = _num_params(func)
@@ -116,7 +116,7 @@ def test_products_linear_in_v(product: Any, solver: dict[str, Any]) -> None:
     controlled the v-dependent cotangents until this test caught it: results then moved by
     ~rtol with the other directions in the batch.)
     """
-    case = Case("mlp", 2, 6, "softplus", True, 3, 0.0, 0.125, "ce", 5, 1.2)
+    case = SecondOrderProblem("mlp", 2, 6, "softplus", True, 3, 0.0, 0.125, "ce", 5, 1.2)
     func, x0, t_span, loss_fn = case.build()
     p = _num_params(func)
     v, w = _rand(p, 1), _rand(p, 2)
@@ -132,8 +132,8 @@ def test_products_linear_in_v(product: Any, solver: dict[str, Any]) -> None:
 # ----------------------------------------------------------------------------------------------
 
 @settings(max_examples=_fraction(3))
-@given(cases("mlp", lattice=1 / 16, max_units=2, max_batch=4, max_scale=2.0))
-def test_gauss_newton_psd_for_convex_loss(case: Case) -> None:
+@given(second_order_problems("mlp", lattice=1 / 16, max_units=2, max_batch=4, max_scale=2.0))
+def test_gauss_newton_psd_for_convex_loss(case: SecondOrderProblem) -> None:
     """MSE and cross-entropy are convex in x(t1): the GN matrix over (x0, θ) is PSD, the exact one need not be."""
     func, x0, t_span, loss_fn = case.build()
     gn = snopt.second_order(func, x0, t_span, loss_fn, gauss_newton=True, **GRID)
@@ -147,7 +147,7 @@ def test_gauss_newton_psd_for_convex_loss(case: Case) -> None:
 
 def test_exact_hessian_of_nonconvex_problem_is_indefinite() -> None:
     """Control for the PSD test: the same machinery reports negative curvature where there is some."""
-    case = Case("mlp", 2, 8, "tanh", False, 2, 0.0, 0.125, "mse", 7, 1.5)
+    case = SecondOrderProblem("mlp", 2, 8, "tanh", False, 2, 0.0, 0.125, "mse", 7, 1.5)
     func, x0, t_span, loss_fn = case.build()
     so = snopt.second_order(func, x0, t_span, loss_fn, **GRID)
     eig = torch.linalg.eigvalsh(so.hess_params)
@@ -155,8 +155,8 @@ def test_exact_hessian_of_nonconvex_problem_is_indefinite() -> None:
 
 
 @settings(max_examples=_fraction(3))
-@given(cases("affine", lattice=1 / 16, max_units=2))
-def test_gauss_newton_equals_hessian_when_flow_affine(case: Case) -> None:
+@given(second_order_problems("affine", lattice=1 / 16, max_units=2))
+def test_gauss_newton_equals_hessian_when_flow_affine(case: SecondOrderProblem) -> None:
     """F = A0 x + b + t c, θ = (b, c): x(t1) is affine in (x0, θ) jointly, so GN == Hessian.
 
     `second_order(gauss_newton=True)` equals the exact mode (which test_second_order.py checks
@@ -177,7 +177,7 @@ def test_gauss_newton_equals_hessian_when_flow_affine(case: Case) -> None:
 def test_ggn_vp_hessian_roots_path_matches_autodiff_path() -> None:
     """`ggn_vp` applies Φ_xx through `hessian_roots` when the loss has them; without them by autodiff."""
     for loss in ("mse", "ce"):
-        case = Case("mlp", 3, 5, "silu", True, 4, 0.0, 0.125, loss, 9, 1.0)
+        case = SecondOrderProblem("mlp", 3, 5, "silu", True, 4, 0.0, 0.125, loss, 9, 1.0)
         func, x0, t_span, loss_fn = case.build()
         v = _rand(_num_params(func), 5)
         with_roots = snopt.ggn_vp(func, x0, t_span, loss_fn, v, **GRID)
@@ -190,8 +190,8 @@ def test_ggn_vp_hessian_roots_path_matches_autodiff_path() -> None:
 # ----------------------------------------------------------------------------------------------
 
 @settings(max_examples=_fraction(2))
-@given(cases("mlp", lattice=1 / 16, max_units=2, max_batch=4))
-def test_central_differences_of_gradients(case: Case) -> None:
+@given(second_order_problems("mlp", lattice=1 / 16, max_units=2, max_batch=4))
+def test_central_differences_of_gradients(case: SecondOrderProblem) -> None:
     """(∇L(θ + εv) − ∇L(θ − εv)) / 2ε == H v for the θθ, x0x0 and x0θ blocks (both directions)."""
     func, x0, t_span, loss_fn = case.build()
     p, n = _num_params(func), x0.numel()

@@ -1,6 +1,6 @@
 """Claim: `snopt.odeint`'s gradients (w.r.t. parameters, y0 and every output time) are right.
 
-Compared against exact references (verification/references.py): the closed-form linear
+Compared against exact references (`snopt.testing`): the closed-form linear
 ODE, discretise-then-differentiate through our own torch.func RK4 on the same grid, and
 autograd through plain adaptive torchdiffeq. Also: convergence as the tolerance/step
 shrinks, and that torch.func `grad`, `jvp` and `vmap` over it agree with autograd,
@@ -20,7 +20,9 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 import snopt
-from verification.references import (
+from snopt.testing import (
+    LinearSpec,
+    OdeintProblem,
     backprop_grads,
     backprop_hessian,
     linear_solution,
@@ -29,7 +31,7 @@ from verification.references import (
     rk_solve,
     steps_for,
 )
-from verification.strategies import LinearSpec, Problem, linear_problems, mlp_problems
+from snopt.testing.strategies import linear_problems, mlp_problems
 
 Grads = dict[str, Any]
 
@@ -61,7 +63,7 @@ TOL_RK4_FLOAT32 = 1e-4
 # Comparison helpers (shared with test_odeint_mutation.py)
 # ----------------------------------------------------------------------------------------------
 
-def snopt_grads(problem: Problem, **kwargs: Any) -> Grads:
+def snopt_grads(problem: OdeintProblem, **kwargs: Any) -> Grads:
     """dL/dy0, dL/dt and dL/dθ (by name) through `snopt.odeint`, by `loss.backward()`."""
     module = problem.field.build()
     y0 = problem.y0().requires_grad_(True)
@@ -73,7 +75,7 @@ def snopt_grads(problem: Problem, **kwargs: Any) -> Grads:
     return {"y0": y0.grad, "t": t.grad, "params": {n: p.grad for n, p in module.named_parameters()}}
 
 
-def closed_form_grads(problem: Problem) -> Grads:
+def closed_form_grads(problem: OdeintProblem) -> Grads:
     """The same gradients from the closed-form solution (a linear problem)."""
     assert isinstance(problem.field, LinearSpec)
     A, b = (m.requires_grad_(True) for m in problem.field.matrices())
@@ -83,7 +85,8 @@ def closed_form_grads(problem: Problem) -> Grads:
     return {"y0": y0.grad, "t": t.grad, "params": {"A": A.grad, "b": b.grad}}
 
 
-def rk_reference_grads(problem: Problem, step: float, method: str = "rk4", dtype: torch.dtype | None = None) -> Grads:
+def rk_reference_grads(problem: OdeintProblem, step: float, method: str = "rk4",
+                       dtype: torch.dtype | None = None) -> Grads:
     """Exact derivatives of our fixed-grid solve (`step` per unit time), by `torch.func.grad`."""
     module = problem.field.build()
     if dtype is not None:
@@ -105,12 +108,12 @@ def grad_errors(got: Grads, ref: Grads) -> dict[str, float]:
     return {k: rel_err(got[k], ref[k]) for k in ("y0", "t", "params")}
 
 
-def linear_errors(problem: Problem, **kwargs: Any) -> dict[str, float]:
+def linear_errors(problem: OdeintProblem, **kwargs: Any) -> dict[str, float]:
     """Compare snopt (dopri5 at TIGHT unless overridden) vs the closed form."""
     return grad_errors(snopt_grads(problem, **{**TIGHT, **kwargs}), closed_form_grads(problem))
 
 
-def rk4_errors(problem: Problem, step: float = RK4_STEP) -> dict[str, float]:
+def rk4_errors(problem: OdeintProblem, step: float = RK4_STEP) -> dict[str, float]:
     """Compare snopt RK4 with `step_size` vs torch.func through our RK4 on the same grid."""
     got = snopt_grads(problem, method="rk4", options={"step_size": step})
     return grad_errors(got, rk_reference_grads(problem, step))
@@ -126,12 +129,12 @@ def assert_below(errors: dict[str, float], tol: float) -> None:
 # ----------------------------------------------------------------------------------------------
 
 @given(linear_problems())
-def test_linear_ode_gradients_match_closed_form(problem: Problem) -> None:
+def test_linear_ode_gradients_match_closed_form(problem: OdeintProblem) -> None:
     assert_below(linear_errors(problem), TOL_CLOSED_FORM)
 
 
 @given(linear_problems())
-def test_linear_ode_gradients_match_closed_form_with_seminorm(problem: Problem) -> None:
+def test_linear_ode_gradients_match_closed_form_with_seminorm(problem: OdeintProblem) -> None:
     # The seminorm only relaxes error control on the parameter quadratures, which are
     # integrated by the same high-order steps: the same tolerance holds.
     assert_below(linear_errors(problem, adjoint_norm="seminorm"), TOL_CLOSED_FORM)
@@ -140,7 +143,7 @@ def test_linear_ode_gradients_match_closed_form_with_seminorm(problem: Problem) 
 RTOLS = (1e-4, 1e-7, 1e-10)
 
 
-def rtol_errors(problem: Problem) -> list[float]:
+def rtol_errors(problem: OdeintProblem) -> list[float]:
     """Worst relative gradient error vs the closed form at each tolerance in RTOLS (atol = rtol)."""
     return [max(linear_errors(problem, rtol=tol, atol=tol).values()) for tol in RTOLS]
 
@@ -155,8 +158,8 @@ def test_gradient_error_decreases_with_rtol(seed: int) -> None:
     # dopri5's global error scales ~linearly with the tolerance: 1000× tighter should give
     # ≳100× smaller error (measured 400–650×); we require 10× per step (robust to the error
     # estimator's slack) until the float64 floor (1e-12) is reached.
-    problem = Problem(field=LinearSpec(dim=3, dtype=torch.float64, seed=seed, scale=1.5), batch=4,
-                      t=(0.0, 0.6, 1.5), seed=seed)
+    problem = OdeintProblem(field=LinearSpec(dim=3, dtype=torch.float64, seed=seed, scale=1.5), batch=4,
+                            t=(0.0, 0.6, 1.5), seed=seed)
     errs = rtol_errors(problem)
     assert errs[0] > 1e-9, f"problem too easy to show convergence: {errs}"
     assert drops_with_rtol(errs), f"error did not drop with rtol: {errs}"
@@ -166,8 +169,8 @@ def test_rk4_gradient_error_converges_at_fourth_order() -> None:
     # snopt's rk4 gradients vs the closed form as the step halves: error ∝ h^4. With
     # output times on the grid, the fitted order must be ≈ 4 (measured 3.98; [3.5, 4.5]
     # allows pre-asymptotic slack, while a first-order bug would give ≤ 1).
-    problem = Problem(field=LinearSpec(dim=3, dtype=torch.float64, seed=5, scale=1.5), batch=3,
-                      t=(0.0, 0.5, 1.0), seed=5)
+    problem = OdeintProblem(field=LinearSpec(dim=3, dtype=torch.float64, seed=5, scale=1.5), batch=3,
+                            t=(0.0, 0.5, 1.0), seed=5)
     ref = closed_form_grads(problem)
     hs = [1 / 4, 1 / 8, 1 / 16, 1 / 32]
     errs = [max(grad_errors(snopt_grads(problem, method="rk4", options={"step_size": h}), ref).values())
@@ -184,12 +187,12 @@ def test_rk4_gradient_error_converges_at_fourth_order() -> None:
 # ----------------------------------------------------------------------------------------------
 
 @given(mlp_problems(dtypes=(torch.float64,), lattice=1 / 16, max_units=4, max_points=4))
-def test_rk4_gradients_match_discrete_reference(problem: Problem) -> None:
+def test_rk4_gradients_match_discrete_reference(problem: OdeintProblem) -> None:
     assert_below(rk4_errors(problem), TOL_RK4_REF)
 
 
 @given(mlp_problems(dtypes=(torch.float32,), lattice=1 / 16, max_units=4, max_points=3))
-def test_rk4_float32_gradients_match_float64_reference(problem: Problem) -> None:
+def test_rk4_float32_gradients_match_float64_reference(problem: OdeintProblem) -> None:
     got = snopt_grads(problem, method="rk4", options={"step_size": RK4_STEP})
     assert all(g.dtype == torch.float32 for g in (got["y0"], got["t"], *got["params"].values()))
     ref = rk_reference_grads(problem, RK4_STEP, dtype=torch.float64)
@@ -198,7 +201,7 @@ def test_rk4_float32_gradients_match_float64_reference(problem: Problem) -> None
 
 @pytest.mark.parametrize("method", ["euler", "rk4"])
 @given(problem=mlp_problems(dtypes=(torch.float64,), lattice=1 / 16, max_units=4, max_points=3))
-def test_reference_solver_reproduces_torchdiffeq(method: str, problem: Problem) -> None:
+def test_reference_solver_reproduces_torchdiffeq(method: str, problem: OdeintProblem) -> None:
     # Validates the oracle itself: our RK4 (3/8 rule) / Euler equal torchdiffeq's forward
     # solution (which snopt's forward is) up to rounding: 1e-13 for ≤ 128 steps (measured
     # 0: the same operations in the same order).
@@ -210,7 +213,7 @@ def test_reference_solver_reproduces_torchdiffeq(method: str, problem: Problem) 
 
 
 @given(mlp_problems(dtypes=(torch.float64,), max_points=3))
-def test_dopri5_gradients_match_backprop_through_torchdiffeq(problem: Problem) -> None:
+def test_dopri5_gradients_match_backprop_through_torchdiffeq(problem: OdeintProblem) -> None:
     # Continuous adjoint vs the exact derivative of the adaptive discrete solution, both at
     # rtol = atol = 1e-10. For y0 and θ each is within ~100·1e-10 of the true gradient
     # (global vs local error for these O(1)-Lipschitz fields; measured ≤ 1.1e-7 apart over
@@ -244,7 +247,7 @@ class Block(nn.Module):
         return out
 
 
-def func_grad_errors(problem: Problem) -> dict[str, float]:
+def func_grad_errors(problem: OdeintProblem) -> dict[str, float]:
     """torch.func.grad over a module calling snopt.odeint vs `.backward()` and vs the closed form."""
     block = Block(problem.field.build(), **TIGHT)
     loss_fn = problem.loss_fn()
@@ -259,7 +262,7 @@ def func_grad_errors(problem: Problem) -> dict[str, float]:
 
 
 @given(linear_problems(max_points=3))
-def test_func_grad_over_module_matches_autograd_and_closed_form(problem: Problem) -> None:
+def test_func_grad_over_module_matches_autograd_and_closed_form(problem: OdeintProblem) -> None:
     errs = func_grad_errors(problem)
     # Same arithmetic on both paths (the Function's backward): agreement to rounding.
     assert errs["autograd"] <= 1e-12, errs
@@ -269,7 +272,7 @@ def test_func_grad_over_module_matches_autograd_and_closed_form(problem: Problem
 JVP_FD_EPS = 1e-4
 
 
-def jvp_errors(problem: Problem, seed: int) -> dict[str, float]:
+def jvp_errors(problem: OdeintProblem, seed: int) -> dict[str, float]:
     """torch.func.jvp of snopt.odeint (in A, b, y0, t) vs the closed form's jvp and central differences."""
     assert isinstance(problem.field, LinearSpec)
     A, b = problem.field.matrices()
@@ -293,7 +296,7 @@ def jvp_errors(problem: Problem, seed: int) -> dict[str, float]:
 
 
 @given(linear_problems(max_points=3), st.integers(0, 2**31 - 1))
-def test_jvp_matches_closed_form_and_finite_differences(problem: Problem, seed: int) -> None:
+def test_jvp_matches_closed_form_and_finite_differences(problem: OdeintProblem, seed: int) -> None:
     errs = jvp_errors(problem, seed)
     assert errs["closed"] <= TOL_CLOSED_FORM, errs
     # Central differences of snopt's forward solution: truncation ε²·|x⁗|/6 ~ 1e-8 and
@@ -303,7 +306,7 @@ def test_jvp_matches_closed_form_and_finite_differences(problem: Problem, seed: 
     assert errs["fd_vs_closed"] <= 1e-6, errs
 
 
-def vmap_errors(problem: Problem) -> dict[str, float]:
+def vmap_errors(problem: OdeintProblem) -> dict[str, float]:
     """Compare vmap over y0 of snopt.odeint and of torch.func.grad through it, vs a Python loop."""
     field = problem.field.build()
     t = problem.times()
@@ -327,7 +330,7 @@ def vmap_errors(problem: Problem) -> dict[str, float]:
 
 
 @given(mlp_problems(dtypes=(torch.float64,), max_points=3))
-def test_vmap_over_y0_matches_loop(problem: Problem) -> None:
+def test_vmap_over_y0_matches_loop(problem: OdeintProblem) -> None:
     # The vmap rule runs one solve per member: identical arithmetic, so equal to rounding.
     errs = vmap_errors(problem)
     assert max(errs.values()) <= 1e-13, errs
@@ -338,8 +341,8 @@ def test_backprop_hessian_reference_matches_closed_form() -> None:
     # dopri5) against torch.func.hessian of the closed form, in θ = (A, b) flattened in
     # parameters() order. dopri5 at 1e-9: the discrete solution's second derivatives are
     # within ~C·1e-9 of the exact ones (measured 1.3e-9); 1e-7 is the bound.
-    problem = Problem(field=LinearSpec(dim=2, dtype=torch.float64, seed=7, scale=1.0), batch=1, t=(0.0, 0.4, 0.8),
-                      seed=7)
+    problem = OdeintProblem(field=LinearSpec(dim=2, dtype=torch.float64, seed=7, scale=1.0), batch=1,
+                            t=(0.0, 0.4, 0.8), seed=7)
     assert isinstance(problem.field, LinearSpec)
     A, b = problem.field.matrices()
     y0, t, loss_fn = problem.y0(), problem.times(), problem.loss_fn()
@@ -353,11 +356,11 @@ def test_backprop_hessian_reference_matches_closed_form() -> None:
     assert rel_err(got, exact) <= 1e-7
 
 
-JACREV_PROBLEM = Problem(field=LinearSpec(dim=2, dtype=torch.float64, seed=11, scale=1.0), batch=1, t=(0.0, 0.7, 1.3),
-                         seed=11)
+JACREV_PROBLEM = OdeintProblem(field=LinearSpec(dim=2, dtype=torch.float64, seed=11, scale=1.0), batch=1,
+                               t=(0.0, 0.7, 1.3), seed=11)
 
 
-def jacrev_errors(problem: Problem) -> dict[str, float]:
+def jacrev_errors(problem: OdeintProblem) -> dict[str, float]:
     """torch.func.jacrev of all outputs w.r.t. y0 and t vs the closed form's."""
     assert isinstance(problem.field, LinearSpec)
     A, b = problem.field.matrices()

@@ -3,10 +3,9 @@
 Two measurements (REFERENCE.md §3):
 
 (a) Bytes packed by `torch.autograd.graph.saved_tensors_hooks` — everything autograd keeps
-    for backward. The pack hook stores ``t.detach()`` (storing ``t`` itself would keep the
-    graph alive and make any adjoint look O(N)) and counts ``numel · element_size``; an
-    object's finaliser subtracts it again, so we get both what the forward pass leaves for
-    backward and the peak of what is alive at once during forward + backward.
+    for backward — counted by `snopt.testing.saved_tensor_bytes` / `assert_memory_flat`: what the
+    forward pass leaves for backward and the peak of what is alive at once during forward +
+    backward, deterministic on every machine.
 (b) Peak RSS (`resource.getrusage(RUSAGE_SELF).ru_maxrss`) of a fresh subprocess doing one
     forward + backward: covers what the hooks cannot see (solver internals, torch.func).
 
@@ -19,7 +18,6 @@ import os
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
-from types import TracebackType
 from typing import Any
 
 import pytest
@@ -28,56 +26,10 @@ import torchdiffeq
 from torch import Tensor, nn
 
 import snopt
+from snopt.testing import assert_memory_flat, saved_tensor_bytes
 
 DIM, WIDTH, BATCH = 8, 64, 32
 FEW, MANY = 10, 1000
-
-
-
-
-class SavedTensorMeter:
-    """Counts the bytes autograd saves for backward, via `saved_tensors_hooks`.
-
-    Attributes:
-        live: Bytes currently held by saved tensors packed inside the context.
-        peak: Maximum of `live`.
-        total: All bytes ever packed.
-    """
-
-    def __init__(self) -> None:
-        self.live = 0
-        self.peak = 0
-        self.total = 0
-        self._ctx = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
-
-    def _pack(self, t: Tensor) -> "_Packed":
-        return _Packed(t, self)
-
-    @staticmethod
-    def _unpack(p: "_Packed") -> Tensor:
-        return p.tensor
-
-    def __enter__(self) -> "SavedTensorMeter":
-        self._ctx.__enter__()
-        return self
-
-    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
-        self._ctx.__exit__(et, ev, tb)
-
-
-class _Packed:
-    """One saved tensor: stored detached, its bytes counted while it is alive."""
-
-    def __init__(self, t: Tensor, meter: SavedTensorMeter) -> None:
-        self.tensor = t.detach()
-        self.nbytes = t.numel() * t.element_size()
-        self.meter = meter
-        meter.total += self.nbytes
-        meter.live += self.nbytes
-        meter.peak = max(meter.peak, meter.live)
-
-    def __del__(self) -> None:
-        self.meter.live -= self.nbytes
 
 
 class Field(nn.Module):
@@ -93,39 +45,42 @@ class Field(nn.Module):
 Solver = Callable[..., Any]
 
 
-def saved_bytes(solver: Solver, steps: int) -> tuple[int, int, int]:
-    """(bytes left for backward by the forward pass, peak live bytes, bytes the inputs occupy)."""
+def loss_with_steps(solver: Solver) -> tuple[Callable[[int], Tensor], int]:
+    """(steps ↦ loss through `solver` with that many rk4 steps, bytes of y0, t, the outputs and θ)."""
     torch.manual_seed(0)
     field = Field()
     y0 = torch.randn(BATCH, DIM, requires_grad=True)
     t = torch.tensor([0.0, 1.0])
-    with SavedTensorMeter() as meter:
+
+    def make_loss(steps: int) -> Tensor:
         ys = solver(field, y0, t, method="rk4", options={"step_size": 1.0 / steps})
-        retained = meter.live
-        ys[-1].pow(2).sum().backward()
-    assert y0.grad is not None and bool(torch.isfinite(y0.grad).all())
-    assert meter.live == 0, "saved tensors outlived backward (the meter would be wrong)"
-    inputs = sum(x.numel() * x.element_size() for x in (y0, t, ys, *field.parameters()))
-    return retained, meter.peak, inputs
+        out: Tensor = ys[-1].pow(2).sum()
+        return out
+
+    outputs = 2 * y0.numel() * y0.element_size()  # ys: (len(t), *y0.shape)
+    inputs = sum(x.numel() * x.element_size() for x in (y0, t, *field.parameters())) + outputs
+    return make_loss, inputs
 
 
 def test_snopt_saved_tensors_do_not_grow_with_steps() -> None:
-    few, peak_few, inputs = saved_bytes(snopt.odeint, FEW)
-    many, peak_many, _ = saved_bytes(snopt.odeint, MANY)
+    make_loss, inputs = loss_with_steps(snopt.odeint)
+    # Retained bytes after the forward and the peak during backward (one vector-Jacobian
+    # product's graph alive at a time) within 10% from 10 to 1000 steps.
+    found = assert_memory_flat(make_loss, steps=(FEW, MANY), rtol=0.1)
     # Only the outputs at the requested times (and t, the parameters) are kept: at most
     # the size of y0, t, ys and θ together, whatever the number of steps.
-    assert 0 < few <= inputs and 0 < many <= inputs
-    assert many / few <= 1.1, (few, many)
-    # During backward, one vector-Jacobian product's graph is alive at a time.
-    assert peak_many / peak_few <= 1.1, (peak_few, peak_many)
+    assert all(0 < m.retained <= inputs for m in found.values()), (found, inputs)
 
 
 def test_backprop_saved_tensors_grow_linearly_with_steps() -> None:
     # The same meter on plain backprop through torchdiffeq: every stage of every step is
-    # kept, so 100× the steps gives ≈ 100× the bytes (≥ 50 allows a fixed overhead).
-    few, _, _ = saved_bytes(torchdiffeq.odeint, FEW)
-    many, _, _ = saved_bytes(torchdiffeq.odeint, MANY)
-    assert many / few >= 50, (few, many)
+    # kept, so 100× the steps gives ≈ 100× the bytes (≥ 50 allows a fixed overhead), and the
+    # flatness check fails, naming the growth.
+    make_loss, _ = loss_with_steps(torchdiffeq.odeint)
+    few, many = saved_tensor_bytes(lambda: make_loss(FEW)), saved_tensor_bytes(lambda: make_loss(MANY))
+    assert many.retained / few.retained >= 50, (few, many)
+    with pytest.raises(AssertionError, match="retained saved bytes grow with the number of steps"):
+        assert_memory_flat(make_loss, steps=(FEW, MANY))
 
 
 # ----------------------------------------------------------------------------------------------

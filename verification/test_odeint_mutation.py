@@ -16,16 +16,17 @@ import torch
 from torch import Tensor
 
 import snopt.adjoint._function as fn
+from snopt.testing import FieldSpec, LinearSpec, OdeintProblem
 from verification import test_odeint_gradients as grads
-from verification.strategies import FieldSpec, LinearSpec, Problem
 
-LINEAR = Problem(field=LinearSpec(dim=3, dtype=torch.float64, seed=1, scale=1.0), batch=2, t=(0.0, 0.4, 1.0), seed=1)
-LINEAR_DOWN = Problem(field=LinearSpec(dim=2, dtype=torch.float64, seed=2, scale=1.0), batch=3, t=(1.0, 0.5, -0.25),
-                      seed=2)
-MLP = Problem(field=FieldSpec(dim=2, width=8, activation="tanh", time_dependent=True, dtype=torch.float64, seed=3),
-              batch=2, t=(0.0, 0.125, 0.25), seed=3)
-MLP32 = Problem(field=FieldSpec(dim=2, width=8, activation="silu", time_dependent=True, dtype=torch.float32, seed=4),
-                batch=2, t=(0.0, 0.125, 0.25), seed=4)
+LINEAR = OdeintProblem(field=LinearSpec(dim=3, dtype=torch.float64, seed=1, scale=1.0), batch=2,
+                       t=(0.0, 0.4, 1.0), seed=1)
+LINEAR_DOWN = OdeintProblem(field=LinearSpec(dim=2, dtype=torch.float64, seed=2, scale=1.0), batch=3,
+                            t=(1.0, 0.5, -0.25), seed=2)
+MLP = OdeintProblem(field=FieldSpec(dim=2, width=8, activation="tanh", time_dependent=True, dtype=torch.float64,
+                                    seed=3), batch=2, t=(0.0, 0.125, 0.25), seed=3)
+MLP32 = OdeintProblem(field=FieldSpec(dim=2, width=8, activation="silu", time_dependent=True, dtype=torch.float32,
+                                      seed=4), batch=2, t=(0.0, 0.125, 0.25), seed=4)
 
 
 
@@ -37,19 +38,19 @@ MLP32 = Problem(field=FieldSpec(dim=2, width=8, activation="silu", time_dependen
 Check = Callable[[], tuple[float, float]]
 
 
-def closed_form(problem: Problem, **kw: Any) -> Check:
+def closed_form(problem: OdeintProblem, **kw: Any) -> Check:
     return lambda: (max(grads.linear_errors(problem, **kw).values()), grads.TOL_CLOSED_FORM)
 
 
-def closed_form_key(problem: Problem, key: str) -> Check:
+def closed_form_key(problem: OdeintProblem, key: str) -> Check:
     return lambda: (grads.linear_errors(problem)[key], grads.TOL_CLOSED_FORM)
 
 
-def rk4_reference(problem: Problem) -> Check:
+def rk4_reference(problem: OdeintProblem) -> Check:
     return lambda: (max(grads.rk4_errors(problem).values()), grads.TOL_RK4_REF)
 
 
-def rk4_float32(problem: Problem) -> Check:
+def rk4_float32(problem: OdeintProblem) -> Check:
     def run() -> tuple[float, float]:
         got = grads.snopt_grads(problem, method="rk4", options={"step_size": grads.RK4_STEP})
         ref = grads.rk_reference_grads(problem, grads.RK4_STEP, dtype=torch.float64)
@@ -57,33 +58,33 @@ def rk4_float32(problem: Problem) -> Check:
     return run
 
 
-def func_grad(problem: Problem) -> Check:
+def func_grad(problem: OdeintProblem) -> Check:
     return lambda: (grads.func_grad_errors(problem)["closed"], grads.TOL_CLOSED_FORM)
 
 
-def jvp(problem: Problem) -> Check:
+def jvp(problem: OdeintProblem) -> Check:
     return lambda: (grads.jvp_errors(problem, seed=0)["closed"], grads.TOL_CLOSED_FORM)
 
 
-def jvp_fd(problem: Problem) -> Check:
+def jvp_fd(problem: OdeintProblem) -> Check:
     return lambda: (grads.jvp_errors(problem, seed=0)["fd"], 1e-6)
 
 
-def jacrev(problem: Problem) -> Check:
+def jacrev(problem: OdeintProblem) -> Check:
     return lambda: (max(grads.jacrev_errors(problem).values()), grads.TOL_CLOSED_FORM)
 
 
-def vmap(problem: Problem) -> Check:
+def vmap(problem: OdeintProblem) -> Check:
     return lambda: (max(grads.vmap_errors(problem).values()), 1e-13)
 
 
-def rtol_convergence(problem: Problem) -> Check:
+def rtol_convergence(problem: OdeintProblem) -> Check:
     # 0 when the error drops with rtol as required, 1 when it does not.
     return lambda: (0.0 if grads.drops_with_rtol(grads.rtol_errors(problem)) else 1.0, 0.5)
 
 
-RTOL_PROBLEM = Problem(field=LinearSpec(dim=3, dtype=torch.float64, seed=0, scale=1.5), batch=4, t=(0.0, 0.6, 1.5),
-                       seed=0)
+RTOL_PROBLEM = OdeintProblem(field=LinearSpec(dim=3, dtype=torch.float64, seed=0, scale=1.5), batch=4,
+                             t=(0.0, 0.6, 1.5), seed=0)
 
 CHECKS: dict[str, Check] = {
     "closed_form": closed_form(LINEAR),

@@ -1,16 +1,17 @@
 """Claim: `snopt.second_order` (and `hvp`, `ggn_vp`) return the exact derivatives of L = Φ(x(t1)).
 
-References (verification/_second_order_refs.py, independent of snopt's adjoint code):
+References (`snopt.testing`, independent of snopt's adjoint code):
 
-* **Same grid.** `torch.func.hessian` of L(x0, θ, t1) through our pure-torch RK4 (torchdiffeq's
-  3/8 rule) with n steps of size h = (t1 − t0)/n, i.e. the exact derivatives of the
+* **Same grid.** `GridReference`: `torch.func.hessian` of L(x0, θ, t1) through our pure-torch RK4
+  (torchdiffeq's 3/8 rule) with n steps of size h = (t1 − t0)/n, i.e. the exact derivatives of the
   discretisation snopt's forward solve uses with ``method="rk4", options={"step_size": h}``.
   snopt differentiates first and discretises the adjoint ODEs on the same grid, so the two
   agree up to O(h⁴), not to rounding.
-* **Closed form.** dx/dt = A x + b solved by `matrix_exp`, differentiated by `torch.func.hessian`,
-  against snopt's dopri5 at tight tolerance; and the error must fall as rtol falls.
+* **Closed form.** `ClosedFormReference`: dx/dt = A x + b solved by `matrix_exp`, differentiated by
+  `torch.func.hessian`, against snopt's dopri5 at tight tolerance; and the error must fall as rtol falls.
 
-The comparison helpers (`grid_errors`, `closed_form_errors`) are reused by
+The property tests assert with `assert_second_order_close` / `assert_close` (a failure names the
+block and its worst entries); the error helpers (`grid_errors`, `closed_form_errors`) are reused by
 test_second_order_mutation.py to show each check fails when a term of the adjoint ODEs is dropped.
 """
 
@@ -24,15 +25,19 @@ from hypothesis import strategies as st
 from torch import Tensor
 
 import snopt
-from verification._second_order_refs import (
-    Case,
+from snopt import SecondOrderResult
+from snopt.testing import (
+    SECOND_ORDER_BLOCKS,
     ClosedFormReference,
     GridReference,
-    block_errors,
-    cases,
-    result_blocks,
+    LinearField,
+    SecondOrderProblem,
+    assert_close,
+    assert_second_order_close,
+    rel_err,
+    second_order_errors,
 )
-from verification.references import LinearField, rel_err
+from snopt.testing.strategies import second_order_problems
 
 # Step of the fixed grid: a power of two, so it divides the spans (multiples of 1/16) exactly.
 # The affine field gets a finer one: its θθ block is small and nearly singular (F_θ = [I, t I]
@@ -66,63 +71,92 @@ TIGHT: dict[str, Any] = {"method": "dopri5", "rtol": 1e-11, "atol": 1e-13}
 
 
 PARTS = ("second_order", "hvp", "ggn_vp")
+T1_BLOCKS = ("grad_t1", "hess_t1", "hess_t1_params")
+Reference = tuple[SecondOrderResult, Tensor]
+# What snopt returned and what it should have: "second_order" → (result, reference result),
+# "hvp" / "ggn_vp" → (product, reference product).
+Pairs = dict[str, tuple[Any, Any]]
 
 
 @functools.cache
-def grid_reference(case: Case, step: float) -> tuple[dict[str, Tensor], Tensor]:
-    """(blocks, GGN) of the RK4 discretisation with `step` (cached: mutation tests reuse it)."""
+def grid_reference(case: SecondOrderProblem, step: float) -> Reference:
+    """(second-order result, GGN) of the RK4 discretisation with `step` (cached: mutation tests reuse it)."""
     func, x0, t_span, loss_fn = case.build()
-    ref = GridReference(func, x0, t_span, loss_fn, case.steps(step))
-    return ref.blocks(), ref.ggn()
+    ref = GridReference(func, x0, t_span, loss_fn, method="rk4", steps=case.steps(step))
+    return ref.second_order(), ref.ggn()
 
 
 @functools.cache
-def closed_form_reference(case: Case) -> tuple[dict[str, Tensor], Tensor]:
-    """(blocks, GGN) of the `matrix_exp` solution (cached)."""
+def closed_form_reference(case: SecondOrderProblem) -> Reference:
+    """(second-order result, GGN) of the `matrix_exp` solution (cached)."""
     assert case.kind == "linear"
     func, x0, t_span, loss_fn = case.build()
-    lin = cast(LinearField, func)
-    ref = ClosedFormReference(lin.A.detach(), lin.b.detach(), x0, t_span, loss_fn)
-    return ref.blocks(), ref.ggn()
+    ref = ClosedFormReference(cast(LinearField, func), x0, t_span, loss_fn)
+    return ref.second_order(), ref.ggn()
 
 
-def snopt_errors(case: Case, solver: dict[str, Any], expected: dict[str, Tensor], ggn: Tensor,
-                 parts: tuple[str, ...], v_seed: int) -> dict[str, float]:
+def snopt_pairs(case: SecondOrderProblem, solver: dict[str, Any], reference: Reference, parts: tuple[str, ...],
+                v_seed: int) -> Pairs:
     func, x0, t_span, loss_fn = case.build()
-    errs: dict[str, float] = {}
+    expected, ggn = reference
+    pairs: Pairs = {}
     if "second_order" in parts:
-        so = snopt.second_order(func, x0, t_span, loss_fn, wrt_t1=True, **solver)
-        errs.update(block_errors(result_blocks(so), expected))
+        pairs["second_order"] = (snopt.second_order(func, x0, t_span, loss_fn, wrt_t1=True, **solver), expected)
     v = torch.randn(ggn.shape[0], generator=torch.Generator().manual_seed(v_seed), dtype=torch.float64)
     if "hvp" in parts:
-        errs["hvp"] = rel_err(snopt.hvp(func, x0, t_span, loss_fn, v, **solver), expected["hess_params"] @ v)
+        pairs["hvp"] = (snopt.hvp(func, x0, t_span, loss_fn, v, **solver), expected.hess_params @ v)
     if "ggn_vp" in parts:
-        errs["ggn_vp"] = rel_err(snopt.ggn_vp(func, x0, t_span, loss_fn, v, **solver), ggn @ v)
+        pairs["ggn_vp"] = (snopt.ggn_vp(func, x0, t_span, loss_fn, v, **solver), ggn @ v)
+    return pairs
+
+
+def errors(pairs: Pairs) -> dict[str, float]:
+    """Relative error of every block and product."""
+    errs: dict[str, float] = {}
+    for part, (got, want) in pairs.items():
+        errs.update(second_order_errors(got, want) if part == "second_order" else {part: rel_err(got, want)})
     return errs
 
 
-def grid_errors(case: Case, parts: tuple[str, ...] = PARTS, *, v_seed: int = 0) -> dict[str, float]:
+def assert_pairs(pairs: Pairs, rtol: float, rtol_t1: float | None = None) -> None:
+    """Every block and product within `rtol` (the t1 blocks within `rtol_t1`), with snopt.testing's report."""
+    per_block = {k: rtol_t1 if rtol_t1 is not None and k in T1_BLOCKS else rtol for k in SECOND_ORDER_BLOCKS}
+    for part, (got, want) in pairs.items():
+        if part == "second_order":
+            assert_second_order_close(got, want, rtol=per_block)
+        else:
+            assert_close(got, want, rtol=rtol, name=part)
+
+
+def grid_step(case: SecondOrderProblem) -> float:
+    return STEPS.get(case.kind, STEP)
+
+
+def grid_pairs(case: SecondOrderProblem, parts: tuple[str, ...] = PARTS, *, v_seed: int = 0) -> Pairs:
+    step = grid_step(case)
+    return snopt_pairs(case, {"method": "rk4", "options": {"step_size": step}}, grid_reference(case, step), parts,
+                       v_seed)
+
+
+def closed_form_pairs(case: SecondOrderProblem, solver: dict[str, Any], parts: tuple[str, ...] = PARTS, *,
+                      v_seed: int = 0) -> Pairs:
+    return snopt_pairs(case, solver, closed_form_reference(case), parts, v_seed)
+
+
+def grid_errors(case: SecondOrderProblem, parts: tuple[str, ...] = PARTS, *, v_seed: int = 0) -> dict[str, float]:
     """Relative errors of every `second_order(wrt_t1=True)` block, `hvp` and `ggn_vp` on the RK4 grid."""
-    step = STEPS.get(case.kind, STEP)
-    expected, ggn = grid_reference(case, step)
-    return snopt_errors(case, {"method": "rk4", "options": {"step_size": step}}, expected, ggn, parts, v_seed)
+    return errors(grid_pairs(case, parts, v_seed=v_seed))
 
 
-def closed_form_errors(case: Case, solver: dict[str, Any], parts: tuple[str, ...] = PARTS, *,
+def closed_form_errors(case: SecondOrderProblem, solver: dict[str, Any], parts: tuple[str, ...] = PARTS, *,
                        v_seed: int = 0) -> dict[str, float]:
     """Relative errors of every block, `hvp` and `ggn_vp` against the `matrix_exp` solution."""
-    expected, ggn = closed_form_reference(case)
-    return snopt_errors(case, solver, expected, ggn, parts, v_seed)
+    return errors(closed_form_pairs(case, solver, parts, v_seed=v_seed))
 
 
-def assert_within(errs: dict[str, float], tol: float, keys: tuple[str, ...] | None = None) -> None:
-    bad = {k: e for k, e in errs.items() if (keys is None or k in keys) and not e <= tol}
+def assert_within(errs: dict[str, float], tol: float) -> None:
+    bad = {k: e for k, e in errs.items() if not e <= tol}
     assert not bad, f"relative errors above {tol:g}: {bad} (all: {errs})"
-
-
-def _split_t1(errs: dict[str, float]) -> tuple[dict[str, float], dict[str, float]]:
-    t1 = {k: e for k, e in errs.items() if k.endswith("t1") or k.startswith("hess_t1")}
-    return {k: e for k, e in errs.items() if k not in t1}, t1
 
 
 def _fraction(n: int) -> int:
@@ -137,33 +171,24 @@ def _fraction(n: int) -> int:
 # ----------------------------------------------------------------------------------------------
 
 @settings(max_examples=_fraction(6))
-@given(cases("mlp", lattice=1 / 16, min_units=2, max_units=4))
-def test_mlp_matches_hessian_of_rk4_discretisation(case: Case) -> None:
+@given(second_order_problems("mlp", lattice=1 / 16, min_units=2, max_units=4))
+def test_mlp_matches_hessian_of_rk4_discretisation(case: SecondOrderProblem) -> None:
     """Random MLP fields (tanh/softplus/SiLU, ± time-dependent), batch 1–8, MSE or cross-entropy."""
-    errs = grid_errors(case)
-    main, t1 = _split_t1(errs)
-    assert_within(main, TOL_GRID)
-    assert_within(t1, TOL_GRID_T1)
+    assert_pairs(grid_pairs(case), TOL_GRID, TOL_GRID_T1)
 
 
 @settings(max_examples=_fraction(3))
-@given(cases("conv", lattice=1 / 16, min_units=2, max_units=3, max_batch=2, max_dim=2, max_width=2))
-def test_conv_field_matches_hessian_of_rk4_discretisation(case: Case) -> None:
+@given(second_order_problems("conv", lattice=1 / 16, min_units=2, max_units=3, max_batch=2, max_dim=2, max_width=2))
+def test_conv_field_matches_hessian_of_rk4_discretisation(case: SecondOrderProblem) -> None:
     """A Conv2d field on 4×4 images with 1–2 channels, batch 1–2 (n ≤ 64, p ≤ 80)."""
-    errs = grid_errors(case)
-    main, t1 = _split_t1(errs)
-    assert_within(main, TOL_GRID)
-    assert_within(t1, TOL_GRID_T1)
+    assert_pairs(grid_pairs(case), TOL_GRID, TOL_GRID_T1)
 
 
 @settings(max_examples=_fraction(2))
-@given(cases("affine", lattice=1 / 16, min_units=2, max_units=4))
-def test_affine_field_matches_hessian_of_rk4_discretisation(case: Case) -> None:
+@given(second_order_problems("affine", lattice=1 / 16, min_units=2, max_units=4))
+def test_affine_field_matches_hessian_of_rk4_discretisation(case: SecondOrderProblem) -> None:
     """θ entering linearly (time-dependent forcing): the Hessian is pure Gauss-Newton here."""
-    errs = grid_errors(case)
-    main, t1 = _split_t1(errs)
-    assert_within(main, TOL_GRID)
-    assert_within(t1, TOL_GRID_T1)
+    assert_pairs(grid_pairs(case), TOL_GRID, TOL_GRID_T1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -171,11 +196,11 @@ def test_affine_field_matches_hessian_of_rk4_discretisation(case: Case) -> None:
 # ----------------------------------------------------------------------------------------------
 
 @st.composite
-def linear_cases(draw: st.DrawFn) -> Case:
+def linear_cases(draw: st.DrawFn) -> SecondOrderProblem:
     """dx/dt = A x + b, dim 1–3, batch 1–8, any t0 ∈ [−1, 1], span ±[0.1, 1.5]."""
     t0 = draw(st.floats(-1.0, 1.0))
     span = draw(st.floats(0.1, 1.5)) * draw(st.sampled_from((1.0, -1.0)))
-    return Case(kind="linear", dim=draw(st.integers(1, 3)), width=0, activation="", time_dependent=False,
+    return SecondOrderProblem(kind="linear", dim=draw(st.integers(1, 3)), width=0, activation="", time_dependent=False,
                 batch=draw(st.integers(1, 8)), t0=t0, t1=t0 + span, loss=draw(st.sampled_from(("mse", "ce"))),
                 seed=draw(st.integers(0, 2**31 - 1)), scale=draw(st.floats(0.25, 1.5)),
                 classes=draw(st.integers(2, 4)))
@@ -183,16 +208,16 @@ def linear_cases(draw: st.DrawFn) -> Case:
 
 @settings(max_examples=_fraction(5))
 @given(linear_cases())
-def test_linear_ode_matches_closed_form(case: Case) -> None:
+def test_linear_ode_matches_closed_form(case: SecondOrderProblem) -> None:
     """Every block (θ = (A, b), x0 and t1), hvp and ggn_vp against matrix_exp, dopri5 rtol 1e-9."""
-    assert_within(closed_form_errors(case, TIGHT), TOL_CLOSED_FORM)
+    assert_pairs(closed_form_pairs(case, TIGHT), TOL_CLOSED_FORM)
 
 
 @pytest.mark.parametrize("case", [
-    Case("linear", 3, 0, "", False, 4, 0.2, 1.3, "mse", 11, 1.2),
-    Case("linear", 2, 0, "", False, 3, 0.5, -0.5, "ce", 12, 1.5),
+    SecondOrderProblem("linear", 3, 0, "", False, 4, 0.2, 1.3, "mse", 11, 1.2),
+    SecondOrderProblem("linear", 2, 0, "", False, 3, 0.5, -0.5, "ce", 12, 1.5),
 ], ids=["mse-forward", "ce-backward"])
-def test_error_falls_with_rtol(case: Case) -> None:
+def test_error_falls_with_rtol(case: SecondOrderProblem) -> None:
     """dopri5: each 100× smaller rtol (atol = rtol/100) makes every error at least 10× smaller.
 
     Measured: ~100× per level (the global error of a 5th-order method with error per unit

@@ -26,7 +26,7 @@ from torch import Tensor
 from torch.func import hessian, jacrev
 
 from snopt.adjoint import _hvp, _second_order
-from verification._second_order_refs import Case
+from snopt.testing import SecondOrderProblem
 from verification.test_second_order import (
     TIGHT,
     TOL_CLOSED_FORM,
@@ -35,8 +35,8 @@ from verification.test_second_order import (
     grid_errors,
 )
 
-MLP = Case("mlp", 2, 6, "softplus", True, 3, 0.0, 0.125, "ce", 21, 1.3)
-LINEAR = Case("linear", 2, 0, "", False, 3, 0.1, 1.1, "mse", 22, 1.2)
+MLP = SecondOrderProblem("mlp", 2, 6, "softplus", True, 3, 0.0, 0.125, "ce", 21, 1.3)
+LINEAR = SecondOrderProblem("linear", 2, 0, "", False, 3, 0.1, 1.1, "mse", 22, 1.2)
 FACTOR = 100.0  # how far above the passing tolerance a mutant must land (measured: ≥ 1e6×)
 Dynamics = Callable[[Any, Tensor, tuple[Tensor, ...]], tuple[Tensor, ...]]
 
