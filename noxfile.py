@@ -60,4 +60,4 @@ def bench(session: nox.Session) -> None:
 def demo(session: nox.Session) -> None:
     """The main job: a short SNOpt vs Adam vs SGD comparison on real offline data."""
     _install(session, "experiments")
-    session.run("python", "-m", "snopt.experiments", "demo", *session.posargs)
+    session.run("python", "-m", "benchmarks.apps", "demo", *session.posargs)

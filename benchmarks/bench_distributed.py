@@ -41,10 +41,10 @@ import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
 import snopt
+from benchmarks.apps._common import cpu_model
 from snopt.curvature._eigen import eigenbasis
 from snopt.curvature._kron import KronFactors
 from snopt.data import load_digits
-from snopt.experiments._common import cpu_model
 from snopt.optim import _distributed as D  # noqa: N812
 
 RESULTS = Path(__file__).resolve().parent / "results" / "distributed_cpu.md"

@@ -36,7 +36,7 @@ import torchdiffeq
 from torch import Tensor, nn
 
 import snopt
-from snopt.experiments._common import cpu_model
+from benchmarks.apps._common import cpu_model
 
 DIM, HIDDEN, BATCH = 16, 64, 256
 RTOL = ATOL = 1e-5

@@ -14,7 +14,7 @@ Three comparisons, each measured in one run on one machine (float64, one CPU thr
    STEPS``) so that ``ru_maxrss`` is the peak of that product alone (plus the interpreter and
    torch, ~300 MB). Written to benchmarks/results/second_order_memory_cpu.md.
 3. **Dense Hessian.** `snopt.second_order` (the second-order adjoint, O((n + p)²) memory) against
-   ``torch.func.hessian`` through our pure-torch rk4 (`verification.references.rk_solve`) and
+   ``torch.func.hessian`` through our pure-torch rk4 (`snopt.testing.rk_solve`) and
    ``torch.autograd.functional.hessian(vectorize=True)`` through plain ``torchdiffeq.odeint``
    rk4, for p ≈ 10 … 2,000 (MLP 2 → w → 2, batch 4, 10 rk4 steps).
 
@@ -50,12 +50,12 @@ if str(ROOT) not in sys.path:  # script mode: make `verification` importable
     sys.path.insert(0, str(ROOT))
 
 import snopt  # noqa: E402
-from snopt.experiments._common import cpu_model  # noqa: E402
+from benchmarks.apps._common import cpu_model  # noqa: E402
+from snopt.testing import rel_err, rk_solve  # noqa: E402
 from verification._second_order_refs import (  # noqa: E402
     memory_problem,
     peak_rss_mb,
 )
-from verification.references import rel_err, rk_solve  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "second_order_cpu.md"
 MEMORY_RESULTS = ROOT / "benchmarks" / "results" / "second_order_memory_cpu.md"
@@ -323,7 +323,7 @@ def render_dense(rows: list[dict[str, Any]]) -> list[str]:
         "MLP 2 → w → 2 (tanh), batch 4 (n = 8), MSE, t ∈ [0, 1], rk4 with 10 steps (h = 0.1; one row with "
         "100), float64, one call each. `snopt.second_order` integrates the (n + p)² matrix ODE backward (memory "
         "independent of the steps); `torch.func.hessian` goes through our pure-torch rk4 "
-        "(`verification.references.rk_solve`); "
+        "(`snopt.testing.rk_solve`); "
         "`torch.autograd.functional.hessian(vectorize=True)` through plain `torchdiffeq.odeint` (both keep the "
         "whole solver graph, and vmap it over p tangents). Errors: snopt vs torch.func is the O(h⁴) gap between "
         "differentiate-then-discretise and discretise-then-differentiate (falling 10⁴× from h = 0.1 to 0.01); "

@@ -14,13 +14,13 @@ from typing import Any
 import pytest
 import torch
 
-from snopt.experiments import RunConfig, train
-from snopt.experiments import _runner as runner
-from snopt.experiments.__main__ import main
-from snopt.experiments._cnf import CNFTask
-from snopt.experiments._common import EpochSampler, Task
-from snopt.experiments._digits import ImageTask
-from snopt.experiments._timeseries import TimeSeriesTask
+from benchmarks.apps import RunConfig, train
+from benchmarks.apps import _runner as runner
+from benchmarks.apps.__main__ import main
+from benchmarks.apps._cnf import CNFTask
+from benchmarks.apps._common import EpochSampler, Task
+from benchmarks.apps._digits import ImageTask
+from benchmarks.apps._timeseries import TimeSeriesTask
 
 DIGITS = {"hidden": 4, "eval_train": 50}
 CASES = [

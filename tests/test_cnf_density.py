@@ -6,11 +6,11 @@ from typing import Any
 
 import torch
 
-from snopt.experiments import RunConfig
-from snopt.experiments._cnf import CNFTask
-from snopt.experiments._common import resolve
-from snopt.experiments._plots import plot_densities
-from snopt.experiments._runner import compare, task_defaults, train
+from benchmarks.apps import RunConfig
+from benchmarks.apps._cnf import CNFTask
+from benchmarks.apps._common import resolve
+from benchmarks.apps._plots import plot_densities
+from benchmarks.apps._runner import compare, task_defaults, train
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -61,7 +61,7 @@ def test_only_2d_runs_that_did_not_diverge_carry_a_density() -> None:
     assert "density" not in train(RunConfig(task="cnf", dataset="wine", optimizer="adam", iterations=2,
                                             eval_every=1, batch_size=32, options=tiny))
     blown = train(RunConfig(task="cnf", dataset="circles", optimizer="sgd", iterations=3, eval_every=1,
-                            batch_size=32, lr=1e6, options=tiny))
+                            batch_size=32, lr=1e9, options=tiny))
     assert blown["diverged"] is not None and "density" not in blown
 
 

@@ -1,5 +1,6 @@
 """Smoke tests of the applications (tiny sizes, a few iterations) and of the runner's bookkeeping."""
 
+import inspect
 import json
 import math
 from dataclasses import replace
@@ -10,10 +11,10 @@ import pytest
 import torch
 
 import snopt
-from snopt.experiments import GRUODE, RunConfig, train
-from snopt.experiments.__main__ import main
-from snopt.experiments._common import EpochSampler, resolve
-from snopt.experiments._runner import (
+from benchmarks.apps import GRUODE, RunConfig, train
+from benchmarks.apps.__main__ import main
+from benchmarks.apps._common import EpochSampler, resolve
+from benchmarks.apps._runner import (
     aggregate,
     format_ratio,
     nfe_until,
@@ -303,17 +304,23 @@ def test_blown_up_dynamics_stop_the_run_as_diverged() -> None:
     assert agg["sgd"]["diverged"] == 1
 
 
-@pytest.mark.parametrize(("given", "expected"), [(None, 1e-2), (0.0, None), (5e-4, 5e-4)])
-def test_snopt_kl_clip_reaches_the_optimizer(given: float | None, expected: float | None) -> None:
-    # The digits preset turns the trust region on (1e-2 on the whole step, tuned); 0 turns it off; a value
-    # overrides it.
-    from snopt.experiments._runner import make_stepper, make_task
+def _snopt_default(name: str) -> Any:
+    return inspect.signature(snopt.SNOpt).parameters[name].default
+
+
+@pytest.mark.parametrize(("given", "resolved", "expected"), [(None, None, "default"), (0.0, 0.0, None),
+                                                             (5e-4, 5e-4, 5e-4)])
+def test_snopt_kl_clip_reaches_the_optimizer(given: float | None, resolved: float | None,
+                                             expected: float | str | None) -> None:
+    # Unset: the library's default trust region; 0 turns it off; a value overrides it.
+    from benchmarks.apps._runner import make_stepper, make_task
 
     cfg = RunConfig(task="digits", optimizer="snopt", snopt_kl_clip=given, options={"hidden": 4, "eval_train": 50})
     res = resolve(cfg, task_defaults(cfg))
-    assert res.snopt_kl_clip == expected
+    assert res.snopt_kl_clip == resolved
     _, opt = make_stepper(cfg, res, make_task(cfg, res, torch.device("cpu")))
-    assert isinstance(opt, snopt.SNOpt) and opt.kl_clip == expected
+    want = _snopt_default("kl_clip") if expected == "default" else expected
+    assert isinstance(opt, snopt.SNOpt) and opt.kl_clip == want
 
 
 @pytest.mark.parametrize(("optimizer", "kl_clip", "active"), [("snopt", 1e-9, 1.0), ("snopt", 1e6, 0.0),
@@ -338,20 +345,19 @@ def test_the_record_says_how_often_the_trust_region_bound(optimizer: str, kl_cli
         assert agg["trust_region_active"]["mean"] == active
 
 
-@pytest.mark.parametrize(("given", "expected"), [(None, "step"), ("step", "step"), ("increment", "increment")])
-def test_snopt_kl_clip_scope_reaches_the_optimizer_and_the_record(given: str | None, expected: str) -> None:
-    # The digits preset bounds the whole momentum step (its tuned scope); "increment" bounds each preconditioned
-    # increment (KFAC's KL clipping).
-    from snopt.experiments._runner import make_stepper, make_task
+@pytest.mark.parametrize("given", [None, "step", "increment"])
+def test_snopt_kl_clip_scope_reaches_the_optimizer_and_the_record(given: str | None) -> None:
+    # Unset: the library's default scope; "increment" bounds each preconditioned increment (KFAC's KL clipping).
+    from benchmarks.apps._runner import make_stepper, make_task
 
     cfg = RunConfig(task="digits", optimizer="snopt", snopt_kl_clip_scope=given,
                     options={"hidden": 4, "eval_train": 50})
     res = resolve(cfg, task_defaults(cfg))
-    assert res.snopt_kl_clip_scope == expected
+    assert res.snopt_kl_clip_scope == given
     _, opt = make_stepper(cfg, res, make_task(cfg, res, torch.device("cpu")))
-    assert isinstance(opt, snopt.SNOpt) and opt.kl_clip_scope == expected
+    assert isinstance(opt, snopt.SNOpt) and opt.kl_clip_scope == (given or _snopt_default("kl_clip_scope"))
     r = train(replace(cfg, iterations=2, batch_size=16, eval_every=2, snopt_freq=1))
-    assert r["resolved"]["snopt_kl_clip_scope"] == expected
+    assert r["resolved"]["snopt_kl_clip_scope"] == given
 
 
 def test_snopt_kl_clip_scope_must_be_known() -> None:
@@ -371,7 +377,7 @@ def test_snopt_kl_clip_must_not_be_negative() -> None:
                                                ("timeseries", {"hidden": 4})])
 def test_mc_fisher_collects_from_sampled_labels_on_collection_iterations_only(
         task: str, options: dict[str, object], monkeypatch: pytest.MonkeyPatch) -> None:
-    from snopt.experiments._runner import make_stepper, make_task
+    from benchmarks.apps._runner import make_stepper, make_task
 
     cfg = RunConfig(task=task, optimizer="snopt", snopt_fisher="mc", snopt_freq=2, batch_size=8, options=options)
     res = resolve(cfg, task_defaults(cfg))
@@ -390,7 +396,7 @@ def test_mc_fisher_collects_from_sampled_labels_on_collection_iterations_only(
 
 
 def test_mc_fisher_is_refused_where_there_is_no_softmax_and_unknown_values_are_rejected() -> None:
-    from snopt.experiments._runner import make_stepper, make_task
+    from benchmarks.apps._runner import make_stepper, make_task
 
     cfg = RunConfig(task="cnf", optimizer="snopt", snopt_fisher="mc", options={"hidden": 4, "n_train": 20,
                                                                                "n_test": 20})
@@ -404,7 +410,7 @@ def test_mc_fisher_is_refused_where_there_is_no_softmax_and_unknown_values_are_r
 
 @pytest.mark.parametrize("optimizer", ["snopt", "adam"])
 def test_cosine_schedule_follows_the_formula_and_ends_at_zero(optimizer: str) -> None:
-    from snopt.experiments._runner import make_stepper, make_task
+    from benchmarks.apps._runner import make_stepper, make_task
 
     cfg = RunConfig(task="digits", optimizer=optimizer, schedule="cosine", iterations=4, lr=0.02, batch_size=8,
                     snopt_freq=2, options={"hidden": 4, "eval_train": 50})
@@ -487,8 +493,8 @@ def test_timeseries_paper_preset_is_the_authors_spoken_arabic_digits_script() ->
 @pytest.mark.parametrize(("optimizer", "expected"), [("adam", 1e-3), ("sgd", 0.0), ("snopt", 0.0)])
 def test_cifar10_trains_on_the_users_files_with_the_papers_weight_decay(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, optimizer: str, expected: float) -> None:
-    from snopt.experiments._common import resolve_device
-    from snopt.experiments._runner import make_stepper, make_task
+    from benchmarks.apps._common import resolve_device
+    from benchmarks.apps._runner import make_stepper, make_task
     _fake_cifar10(tmp_path)
     monkeypatch.setenv("SNOPT_DATA_DIR", str(tmp_path))
     cfg = RunConfig(task="cifar10", optimizer=optimizer, preset="paper", iterations=2, batch_size=8,  # type: ignore[arg-type]

@@ -1,13 +1,15 @@
-"""snopt.experiments._plots: the NLL axes turn symmetric-log only where a spike would flatten the other curves."""
+"""benchmarks.apps._plots: the NLL axes turn symmetric-log only where a spike would flatten the other curves."""
 
 import math
 from pathlib import Path
 from typing import Any
 
 import pytest
-from matplotlib.axes import Axes
 
-from snopt.experiments._plots import SPIKE_FACTOR, plot_comparison, symlog_threshold
+pytest.importorskip("matplotlib")  # an optional extra ("experiments")
+from matplotlib.axes import Axes  # noqa: E402
+
+from benchmarks.apps._plots import SPIKE_FACTOR, plot_comparison, symlog_threshold  # noqa: E402
 
 
 def test_a_smooth_descent_keeps_a_linear_axis() -> None:

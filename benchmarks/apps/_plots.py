@@ -53,7 +53,7 @@ def plot_comparison(runs: Sequence[dict[str, Any]], path: str | Path, *, title: 
     the other curves (`symlog_threshold`).
 
     Args:
-        runs: Records from `snopt.experiments._runner.train`.
+        runs: Records from `benchmarks.apps._runner.train`.
         path: The PNG file to write.
         title: Figure title (default: task, data set and machine).
 
@@ -133,7 +133,7 @@ def plot_densities(runs: Sequence[dict[str, Any]], path: str | Path, *, title: s
     record (other tasks, data of another dimension, diverged runs, older records) are left out.
 
     Args:
-        runs: Records from `snopt.experiments._runner.train`.
+        runs: Records from `benchmarks.apps._runner.train`.
         path: The PNG file to write.
         title: Figure title (default: task, data set and seed).
 

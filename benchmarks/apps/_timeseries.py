@@ -20,29 +20,25 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from benchmarks.apps._common import EpochSampler, Resolved, RunConfig, Task, TaskDefaults
 from snopt.adjoint._observer import SolveStats
 from snopt.adjoint._odeint import odeint
 from snopt.data import SequenceSplit, load_uea
-from snopt.experiments._common import EpochSampler, Resolved, RunConfig, Task, TaskDefaults
 from snopt.nn._ode_block import ODEBlock
 
 UEA_DATASETS = ("JapaneseVowels", "BasicMotions")
 
 
 def timeseries_defaults(dataset: str, preset: str) -> TaskDefaults:
-    """Defaults of the time-series task.
+    """Defaults of the time-series task (a GRU-ODE classifier).
 
-    ``paper`` follows the authors' script for SpokenArabicDigits (``scripts/run_time_series.sh``,
-    ``spo-ad``), the paper's closest relative of these data: hidden 32, batch 128, the compared
-    optimizer on the ODE parameters only — Adam 3e-3, SGD 0.01, SNOpt on SGD 5e-3 with eps 0.05
-    and update_freq 100, SGD and SNOpt's base without momentum (the script sets none: its default
-    0) — and Adam 3e-3 on the GRU and the head, seminorm error control; 1000
-    iterations (the script's 10 epochs of 6,599 sequences would be 30 iterations here). ``fast`` trains the
-    whole model with each optimizer; on JapaneseVowels the learning rates and SNOpt's damping
-    eps are what ``benchmarks/run_applications.py --tune`` keeps (three tuning seeds; tables in
-    ``benchmarks/results/applications_cpu.md``). BasicMotions is hand-set (the earlier
-    JapaneseVowels choice: Adam 0.03, SGD 0.3, SNOpt 0.3 with eps 0.02), untuned on its own, and
-    subsamples its 100 steps to 25.
+    ``fast`` trains the whole model with each optimizer; SNOpt at the library's defaults, Adam's
+    and SGD's rates only for command-line runs without ``--lr``. BasicMotions subsamples its 100
+    steps to 25. ``paper`` follows the authors' script for SpokenArabicDigits
+    (``scripts/run_time_series.sh``, ``spo-ad``), the paper's closest relative of these data:
+    hidden 32, batch 128, the compared optimizer on the ODE parameters only — Adam 3e-3, SGD 0.01,
+    SNOpt on SGD 5e-3 with eps 0.05, update_freq 100 and no trust region, SGD and SNOpt's base
+    without momentum — and Adam 3e-3 on the GRU and the head; 1000 iterations.
 
     Args:
         dataset: ``"JapaneseVowels"`` or ``"BasicMotions"``.
@@ -58,15 +54,16 @@ def timeseries_defaults(dataset: str, preset: str) -> TaskDefaults:
     if preset == "paper":
         return TaskDefaults(
             iterations=1000, batch_size=128, eval_every=20, lr={"adam": 3e-3, "sgd": 0.01, "snopt": 5e-3},
-            target_loss=0.1, target_metric=0.95, snopt_eps=0.05, snopt_freq=100, ode_only=True, lr2=3e-3,
+            target_loss=0.1, target_metric=0.95, snopt_eps=0.05, snopt_freq=100, snopt_kl_clip=0.0, ode_only=True,
+            lr2=3e-3,
             momentum={"sgd": 0.0, "snopt": 0.0}, options=options)  # the script sets no --momentum: its default 0
-    if dataset == "BasicMotions":  # not in the benchmark's tuning: hand-set
+    if dataset == "BasicMotions":
         return TaskDefaults(
-            iterations=100, batch_size=40, eval_every=5, lr={"adam": 0.03, "sgd": 0.3, "snopt": 0.3}, target_loss=0.1,
-            target_metric=0.9, snopt_eps=0.02, snopt_freq=25, snopt_kl_clip=3e-3, options={**options, "stride": 4})
-    return TaskDefaults(  # lr, SNOpt's eps and kl_clip: benchmarks/run_applications.py --tune
-        iterations=60, batch_size=64, eval_every=2, lr={"adam": 0.03, "sgd": 1.0, "snopt": 0.03}, target_loss=0.05,
-        target_metric=0.95, snopt_eps=0.01, snopt_freq=25, snopt_kl_clip=3e-3, options=options)
+            iterations=100, batch_size=40, eval_every=5, lr={"adam": 0.03, "sgd": 0.3}, target_loss=0.1,
+            target_metric=0.9, options={**options, "stride": 4})
+    return TaskDefaults(
+        iterations=60, batch_size=64, eval_every=2, lr={"adam": 0.03, "sgd": 1.0}, target_loss=0.05,
+        target_metric=0.95, options=options)
 
 
 class ODEMLP(nn.Module):

@@ -9,6 +9,7 @@ evaluations. Runs can be isolated in a fresh process (``spawn``) so that the pea
 set size (``ru_maxrss``) belongs to that run alone.
 """
 
+import dataclasses
 import json
 import math
 import multiprocessing
@@ -26,10 +27,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from snopt.adjoint._solve import SolverError
-from snopt.data import DatasetNotFoundError
-from snopt.experiments._cnf import CNFTask, cnf_defaults
-from snopt.experiments._common import (
+from benchmarks.apps._cnf import CNFTask, cnf_defaults
+from benchmarks.apps._common import (
     IMAGE_TASKS,
     NewtonProblem,
     Resolved,
@@ -44,8 +43,10 @@ from snopt.experiments._common import (
     resolve_device,
     seed_everything,
 )
-from snopt.experiments._digits import ImageTask, image_defaults
-from snopt.experiments._timeseries import TimeSeriesTask, timeseries_defaults
+from benchmarks.apps._digits import ImageTask, image_defaults
+from benchmarks.apps._timeseries import TimeSeriesTask, timeseries_defaults
+from snopt.adjoint._solve import SolverError
+from snopt.data import DatasetNotFoundError
 from snopt.nn._ode_block import ODEBlock
 from snopt.optim._newton_cg import NewtonCG
 from snopt.optim._snopt import SNOpt
@@ -164,14 +165,13 @@ def make_stepper(cfg: RunConfig, res: Resolved, task: Task) -> tuple[Stepper, to
         params = [p for p in params if id(p) in ode_ids]
     opt: torch.optim.Optimizer
     if cfg.optimizer == "adam":
-        opt = torch.optim.Adam(params, lr=res.lr, weight_decay=res.weight_decay)
+        opt = torch.optim.Adam(params, lr=_given(res.lr), weight_decay=res.weight_decay)
     elif cfg.optimizer == "sgd":
-        opt = torch.optim.SGD(params, lr=res.lr, momentum=res.momentum, weight_decay=res.weight_decay)
+        opt = torch.optim.SGD(params, lr=_given(res.lr), momentum=res.momentum, weight_decay=res.weight_decay)
+    elif cfg.optimizer in ("soap", "kron"):
+        opt = _peer_optimizer(cfg.optimizer, params, res)
     else:
-        base = torch.optim.SGD(params, lr=res.lr, momentum=res.momentum, weight_decay=res.weight_decay)
-        opt = SNOpt(model, base, eps=res.snopt_eps, update_freq=res.snopt_freq, alpha=cfg.snopt_alpha,
-                    full_precond=not res.ode_only, kl_clip=res.snopt_kl_clip,
-                    kl_clip_scope=res.snopt_kl_clip_scope)
+        opt = make_snopt(model, params, res, alpha=cfg.snopt_alpha, power=cfg.snopt_power, custom_base=bool(others))
     mc = opt if isinstance(opt, SNOpt) and res.snopt_fisher == "mc" else None  # Monte-Carlo Fisher statistics
     if mc is not None and task.metric != "accuracy":
         raise ValueError(f"snopt_fisher='mc' needs a classification task (labels sampled from the softmax); "
@@ -202,11 +202,66 @@ def make_stepper(cfg: RunConfig, res: Resolved, task: Task) -> tuple[Stepper, to
     return Stepper(step, opts, labels), opt
 
 
+def _given(lr: float | None) -> float:
+    assert lr is not None, "resolve() gives Adam and SGD a learning rate"
+    return lr
+
+
+def _peer_optimizer(name: str, params: list[nn.Parameter], res: Resolved) -> torch.optim.Optimizer:
+    """SOAP or PSGD-Kron from pytorch-optimizer, at its own defaults unless the run sets lr or weight decay."""
+    try:
+        from pytorch_optimizer import load_optimizer
+    except ImportError as exc:  # an optional extra
+        raise ImportError(f"optimizer {name!r} needs pytorch-optimizer: pip install -c constraints.txt "
+                          "'pytorch-optimizer==4.1.0' (or the 'experiments' extra).") from exc
+    kwargs: dict[str, Any] = {}
+    if res.lr is not None:
+        kwargs["lr"] = res.lr
+    if res.weight_decay:
+        kwargs["weight_decay"] = res.weight_decay
+    opt: torch.optim.Optimizer = load_optimizer(name)(params, **kwargs)
+    return opt
+
+
+def make_snopt(model: nn.Module, params: list[nn.Parameter], res: Resolved, *, alpha: float | None = None,
+               power: float | None = None, custom_base: bool = False) -> SNOpt:
+    """`SNOpt` with the run's settings; every setting the run leaves unset is the library's default.
+
+    The base is SGD over `params` with the run's rate, momentum and weight decay when any of
+    them is set (or `custom_base`: the optimizer trains only some parameters), else SNOpt's own
+    default base. A ``snopt_kl_clip`` of 0 turns the trust region off.
+
+    Args:
+        model: The model.
+        params: The parameters SNOpt's base trains.
+        res: The resolved settings.
+        alpha: The second-moment decay (None: the default).
+        power: The scaling exponent (None: the default).
+        custom_base: Build the SGD base even when nothing about it is set.
+
+    Returns:
+        The optimizer.
+    """
+    kw: dict[str, Any] = {}
+    for key, value in (("eps", res.snopt_eps), ("update_freq", res.snopt_freq), ("alpha", alpha), ("power", power),
+                       ("kl_clip_scope", res.snopt_kl_clip_scope)):
+        if value is not None:
+            kw[key] = value
+    if res.snopt_kl_clip is not None:
+        kw["kl_clip"] = res.snopt_kl_clip or None
+    base: torch.optim.Optimizer | None = None
+    if custom_base or res.lr is not None or res.weight_decay or res.momentum != 0.9:
+        lr = res.lr if res.lr is not None else SNOpt.DEFAULT_LR
+        base = torch.optim.SGD(params, lr=lr, momentum=res.momentum, weight_decay=res.weight_decay)
+    return SNOpt(model, base, full_precond=not res.ode_only, **kw)
+
+
 def _newton_stepper(cfg: RunConfig, res: Resolved, task: Task) -> tuple[Stepper, torch.optim.Optimizer]:
     probe: NewtonProblem = task.newton_problem(task.batch(torch.Generator().manual_seed(0)))
     ode_ids = {id(p) for p in probe.func.parameters()}
     others = [p for p in task.model.parameters() if p.requires_grad and id(p) not in ode_ids]
     outer_lr = task_defaults(cfg).lr.get("adam", 1e-3)
+    assert res.lr is not None, "resolve() gives newton-cg its preset's rate"
     outer = torch.optim.Adam(others, lr=outer_lr)
     ncg = NewtonCG(probe.func, lr=res.lr, damping=1e-2, curvature="ggn", max_cg_iters=10, solver=probe.solver)
 
@@ -323,7 +378,8 @@ def _train(cfg: RunConfig, *, quiet: bool, checkpoint: Path | None, checkpoint_e
     saved = _load_checkpoint(checkpoint, cfg) if checkpoint is not None and checkpoint.exists() else None
     task = make_task(cfg, res, device)
     step, opt = make_stepper(cfg, res, task)
-    trust = opt if isinstance(opt, SNOpt) and opt.kl_clip is not None else None  # records its step scale ν
+    snopt_opt = opt if isinstance(opt, SNOpt) else None
+    trust = snopt_opt if snopt_opt is not None and snopt_opt.kl_clip is not None else None  # records its scale ν
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     rss_start = peak_rss_mib()
@@ -376,6 +432,7 @@ def _train(cfg: RunConfig, *, quiet: bool, checkpoint: Path | None, checkpoint_e
     try:
         for it in range(first, res.iterations + 1):
             batch = task.batch(generator)
+            collecting = snopt_opt is not None and snopt_opt.collecting
             _sync(device)
             w0, c0 = time.perf_counter(), time.process_time()
             try:
@@ -397,6 +454,8 @@ def _train(cfg: RunConfig, *, quiet: bool, checkpoint: Path | None, checkpoint_e
             hist["nfe_backward"].append(sum(s.nfe_backward for s in stats))
             if trust is not None:
                 hist.setdefault("clip_scale", []).append(trust.last_clip)
+            if snopt_opt is not None:  # a collection iteration gathers factors and refreshes the eigenbases
+                hist.setdefault("collecting", []).append(float(collecting))
             nfe = hist["nfe_forward"][-1] + hist["nfe_backward"][-1]
             if not math.isfinite(loss):
                 diverged = f"iteration {it}: non-finite loss"
@@ -440,6 +499,8 @@ def _train(cfg: RunConfig, *, quiet: bool, checkpoint: Path | None, checkpoint_e
                    "peak_cuda_mib": (torch.cuda.max_memory_allocated(device) / 2**20
                                      if device.type == "cuda" else None)},
         "diverged": diverged,
+        "recovery": (dataclasses.asdict(snopt_opt.recovery.stats)
+                     if snopt_opt is not None and snopt_opt.recovery is not None else None),
         "resumed_at": resumed,
         "stopped_at_targets": stopped,
     }
@@ -704,7 +765,7 @@ def compare(base: RunConfig, optimizers: Sequence[str], seeds: Sequence[int], *,
                                  "table": table}, indent=1))
         files.append(str(p))
         if plots:
-            from snopt.experiments._plots import plot_comparison, plot_densities
+            from benchmarks.apps._plots import plot_comparison, plot_densities
             files.extend(str(f) for f in plot_comparison(runs, out / f"{stem}_curves.png"))
             files.extend(str(f) for f in plot_densities(runs, out / f"{stem}_density.png"))
     if echo:

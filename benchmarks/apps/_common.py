@@ -1,7 +1,7 @@
 """Shared pieces of the applications: run configuration, the task interface, optimizers, machine facts.
 
 A *task* (`Task`) owns its data and its model and knows how to draw a training batch,
-compute the training loss on it and evaluate the model; the runner (`snopt.experiments._runner`)
+compute the training loss on it and evaluate the model; the runner (`benchmarks.apps._runner`)
 owns the loop, the clock and the bookkeeping, so every optimizer is timed the same way.
 """
 
@@ -26,8 +26,8 @@ from snopt.adjoint._observer import SolveStats
 from snopt.losses import sampled_cross_entropy
 from snopt.nn._ode_block import ODEBlock
 
-OptimizerName = Literal["snopt", "adam", "sgd", "newton-cg"]
-OPTIMIZER_NAMES: tuple[OptimizerName, ...] = ("snopt", "adam", "sgd", "newton-cg")
+OptimizerName = Literal["snopt", "adam", "sgd", "soap", "kron", "newton-cg"]
+OPTIMIZER_NAMES: tuple[OptimizerName, ...] = ("snopt", "adam", "sgd", "soap", "kron", "newton-cg")
 TaskName = Literal["digits", "fashion", "mnist", "cifar10", "svhn", "timeseries", "cnf"]
 TASK_NAMES: tuple[TaskName, ...] = ("digits", "fashion", "mnist", "cifar10", "svhn", "timeseries", "cnf")
 IMAGE_TASKS: tuple[TaskName, ...] = ("digits", "fashion", "mnist", "cifar10", "svhn")
@@ -46,13 +46,16 @@ class TaskDefaults:
         iterations: Training iterations.
         batch_size: Mini-batch size.
         eval_every: Iterations between evaluations.
-        lr: Learning rate per optimizer name.
+        lr: Learning rate per optimizer name (missing: that optimizer's own default; SNOpt's is its
+            default base optimizer's).
         target_loss: Training-loss target (time-to-target: first evaluation at or below it).
         target_metric: Test-metric target (at or above for accuracy, at or below for NLL).
-        snopt_eps: SNOpt's damping eps.
-        snopt_freq: SNOpt's `update_freq`.
-        snopt_kl_clip: SNOpt's trust region on the step (`SNOpt`'s `kl_clip`; None: off).
-        snopt_kl_clip_scope: What it bounds (`SNOpt`'s `kl_clip_scope`): ``"increment"`` or ``"step"``.
+        snopt_eps: SNOpt's damping eps (None: the library's default).
+        snopt_freq: SNOpt's `update_freq` (None: the library's default).
+        snopt_kl_clip: SNOpt's trust region on the step (`SNOpt`'s `kl_clip`; 0: off; None: the
+            library's default).
+        snopt_kl_clip_scope: What it bounds (`SNOpt`'s `kl_clip_scope`): ``"increment"`` or ``"step"``
+            (None: the library's default).
         snopt_fisher: Where SNOpt's factors come from: ``"empirical"`` (the training loss's own
             backward pass, the paper) or ``"mc"`` (a backward pass of the loss against labels
             sampled from the model: Monte-Carlo Fisher; classification tasks only).
@@ -73,10 +76,10 @@ class TaskDefaults:
     lr: dict[str, float]
     target_loss: float
     target_metric: float
-    snopt_eps: float = 0.05
-    snopt_freq: int = 100
+    snopt_eps: float | None = None
+    snopt_freq: int | None = None
     snopt_kl_clip: float | None = None
-    snopt_kl_clip_scope: str = "increment"
+    snopt_kl_clip_scope: str | None = None
     snopt_fisher: str = "empirical"
     schedule: str = "constant"
     ode_only: bool = False
@@ -93,21 +96,23 @@ class RunConfig:
     Attributes:
         task: ``"digits"``, ``"fashion"``, ``"mnist"``, ``"cifar10"``, ``"svhn"`` (image classification),
             ``"timeseries"`` or ``"cnf"``.
-        optimizer: ``"snopt"``, ``"adam"``, ``"sgd"`` or ``"newton-cg"``.
+        optimizer: ``"snopt"``, ``"adam"``, ``"sgd"``, ``"soap"``, ``"kron"`` (PSGD-Kron; these two from
+            pytorch-optimizer) or ``"newton-cg"``.
         dataset: Data set within the task (e.g. ``"JapaneseVowels"``, ``"circles"``); None for the default.
         preset: ``"fast"`` (CPU-sized) or ``"paper"`` (the paper's sizes and hyper-parameters).
         seed: Seed of the model initialisation, data split/subset and batch order.
         iterations: Training iterations (None: the preset's).
         batch_size: Mini-batch size (None: the preset's).
         eval_every: Iterations between evaluations (None: the preset's).
-        lr: Learning rate (None: the preset's for this optimizer).
+        lr: Learning rate (None: the preset's for this optimizer, else the optimizer's own default).
         momentum: Momentum of SGD (and of SNOpt's SGD base); None: the preset's for this optimizer (0.9
             unless the paper's scripts set another).
         weight_decay: L2 penalty of the optimizer (None: the preset's for this optimizer, 0 unless the
             paper's scripts set one).
         snopt_eps: SNOpt damping (None: the preset's).
         snopt_freq: SNOpt `update_freq` (None: the preset's).
-        snopt_alpha: SNOpt second-moment decay.
+        snopt_alpha: SNOpt second-moment decay (None: the library's default).
+        snopt_power: SNOpt's scaling exponent (`SNOpt`'s `power`; None: the library's default).
         snopt_kl_clip: SNOpt trust region `kl_clip` (None: the preset's; 0: off).
         snopt_kl_clip_scope: What the trust region bounds, ``"increment"`` or ``"step"`` (None: the preset's).
         snopt_fisher: SNOpt statistics, ``"empirical"`` or ``"mc"`` (None: the preset's).
@@ -137,7 +142,8 @@ class RunConfig:
     weight_decay: float | None = None
     snopt_eps: float | None = None
     snopt_freq: int | None = None
-    snopt_alpha: float = 0.75
+    snopt_alpha: float | None = None
+    snopt_power: float | None = None
     snopt_kl_clip: float | None = None
     snopt_kl_clip_scope: str | None = None
     snopt_fisher: str | None = None
@@ -205,11 +211,11 @@ class Resolved:
     iterations: int
     batch_size: int
     eval_every: int
-    lr: float
-    snopt_eps: float
-    snopt_freq: int
+    lr: float | None
+    snopt_eps: float | None
+    snopt_freq: int | None
     snopt_kl_clip: float | None
-    snopt_kl_clip_scope: str
+    snopt_kl_clip_scope: str | None
     snopt_fisher: str
     schedule: str
     target_loss: float
@@ -238,13 +244,15 @@ def resolve(cfg: RunConfig, defaults: TaskDefaults) -> Resolved:
     if unknown:
         raise ValueError(f"Unknown option(s) {sorted(unknown)} for task {cfg.task!r}; "
                          f"known: {sorted(defaults.options)}.")
-    lr = cfg.lr if cfg.lr is not None else defaults.lr.get(cfg.optimizer, defaults.lr.get("sgd", 0.01))
+    lr = cfg.lr if cfg.lr is not None else defaults.lr.get(cfg.optimizer)
+    if lr is None and cfg.optimizer in ("adam", "sgd"):
+        lr = {"adam": 1e-3, "sgd": 0.01}[cfg.optimizer]
     return Resolved(
         iterations=cfg.iterations or defaults.iterations, batch_size=cfg.batch_size or defaults.batch_size,
         eval_every=cfg.eval_every or defaults.eval_every, lr=lr,
         snopt_eps=cfg.snopt_eps if cfg.snopt_eps is not None else defaults.snopt_eps,
         snopt_freq=cfg.snopt_freq or defaults.snopt_freq,
-        snopt_kl_clip=(defaults.snopt_kl_clip if cfg.snopt_kl_clip is None else cfg.snopt_kl_clip or None),
+        snopt_kl_clip=defaults.snopt_kl_clip if cfg.snopt_kl_clip is None else cfg.snopt_kl_clip,
         snopt_kl_clip_scope=cfg.snopt_kl_clip_scope or defaults.snopt_kl_clip_scope,
         snopt_fisher=cfg.snopt_fisher or defaults.snopt_fisher,
         schedule=cfg.schedule or defaults.schedule,

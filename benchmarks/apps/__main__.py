@@ -1,14 +1,14 @@
-"""Command line: ``python -m snopt.experiments {digits,fashion,mnist,cifar10,svhn,timeseries,cnf,demo} [options]``.
+"""Command line: ``python -m benchmarks.apps {digits,fashion,mnist,cifar10,svhn,timeseries,cnf,demo} [options]``.
 
 Examples::
 
-    python -m snopt.experiments demo                          # SNOpt vs Adam vs SGD on digits (~3-5 min, 2 cores)
-    python -m snopt.experiments digits --optimizer snopt adam --seeds 0 1 2
-    python -m snopt.experiments timeseries --dataset BasicMotions --optimizer snopt
-    python -m snopt.experiments cnf --dataset wine --optimizer adam --lr 0.01 --iterations 300
-    python -m snopt.experiments fashion --preset paper --device cuda   # the paper's sizes, full data
-    python -m snopt.experiments cifar10 --preset paper --device cuda   # the authors' CIFAR-10 settings (your files)
-    python -m snopt.experiments digits --optimizer newton-cg --iterations 20
+    python -m benchmarks.apps demo                          # SNOpt vs Adam vs SGD on digits (~3-5 min, 2 cores)
+    python -m benchmarks.apps digits --optimizer snopt adam --seeds 0 1 2
+    python -m benchmarks.apps timeseries --dataset BasicMotions --optimizer snopt
+    python -m benchmarks.apps cnf --dataset wine --optimizer adam --lr 0.01 --iterations 300
+    python -m benchmarks.apps fashion --preset paper --device cuda   # the paper's sizes, full data
+    python -m benchmarks.apps cifar10 --preset paper --device cuda   # the authors' CIFAR-10 settings (your files)
+    python -m benchmarks.apps digits --optimizer newton-cg --iterations 20
 
 Each command trains the listed optimizers on the listed seeds, prints a table (mean ± std
 over seeds, time-to-target, s/iteration, NFE, peak memory, SNOpt's time-to-target ratios)
@@ -21,8 +21,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from benchmarks.apps._common import OPTIMIZER_NAMES, PRESETS, TASK_NAMES, RunConfig, TaskName, resolve
 from snopt.data import DatasetNotFoundError
-from snopt.experiments._common import OPTIMIZER_NAMES, PRESETS, TASK_NAMES, RunConfig, TaskName, resolve
 
 _COMMANDS = (*TASK_NAMES, "demo")
 
@@ -47,16 +47,16 @@ def _key_values(items: Sequence[str] | None, what: str) -> dict[str, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of ``python -m snopt.experiments``."""
+    """The argument parser of ``python -m benchmarks.apps``."""
     p = argparse.ArgumentParser(
-        prog="python -m snopt.experiments",
+        prog="python -m benchmarks.apps",
         description="Train Neural ODEs with SNOpt, Adam, SGD (or Newton-CG) on the paper's three applications "
                     "and compare them in wall-clock.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("command", choices=_COMMANDS,
-                   help="task to run; 'demo' = snopt, adam and sgd on digits (seed 0, fast preset)")
+                   help="task to run; 'demo' = snopt, adam and soap on digits (seed 0, fast preset)")
     p.add_argument("--optimizer", nargs="+", choices=OPTIMIZER_NAMES, default=None,
-                   help="optimizer(s) to train (default: snopt adam sgd)")
+                   help="optimizer(s) to train (default: snopt adam soap)")
     p.add_argument("--dataset", default=None,
                    help="data set: timeseries JapaneseVowels|BasicMotions; cnf circles|moons|8gaussians|pinwheel|"
                         "checkerboard|wine|breast_cancer|old_faithful (the image tasks are named by their data: "
@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="L2 penalty (default: preset's; 0 except under 'paper' on SVHN and CIFAR-10)")
     p.add_argument("--snopt-eps", type=float, default=None, help="SNOpt damping eps (default: preset's)")
     p.add_argument("--snopt-freq", type=int, default=None, help="SNOpt update_freq (default: preset's)")
-    p.add_argument("--snopt-alpha", type=float, default=0.75, help="SNOpt second-moment decay")
+    p.add_argument("--snopt-alpha", type=float, default=None, help="SNOpt second-moment decay (default: the library's)")
     p.add_argument("--snopt-kl-clip", type=float, default=None,
                    help="SNOpt trust region on the step (KFAC's KL clipping; 0: off; default: preset's)")
     p.add_argument("--snopt-kl-clip-scope", choices=("increment", "step"), default=None,
@@ -130,12 +130,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     Returns:
         The exit status.
     """
-    from snopt.experiments._runner import compare, quiet_warnings, task_defaults
+    from benchmarks.apps._runner import compare, quiet_warnings, task_defaults
 
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     quiet_warnings()
     task: TaskName = "digits" if args.command == "demo" else args.command
-    optimizers = args.optimizer or ["snopt", "adam", "sgd"]
+    optimizers = args.optimizer or ["snopt", "adam", "soap"]
     lr_all: float | None = None
     lrs: dict[str, float] = {}
     for item in args.lr or []:

@@ -1,0 +1,1 @@
+"""Benchmarks and the application runner (not installed with the library)."""
