@@ -1,0 +1,133 @@
+"""How SNOpt's defaults were chosen: a few candidate settings on every application, on tuning seeds.
+
+    python benchmarks/choose_defaults.py            # trains what its log lacks, writes results/defaults.md
+
+Each candidate is one complete setting of SNOpt (every application runs the same one); the
+seeds (100, 101) are not the benchmark's (0–4). A candidate's cost on an application is its
+worst seed's CPU time to the test-metric target and to the train-loss target (a miss: infinite),
+relative to the best candidate there; its score is the worst of those relative costs over all
+applications and both targets, and the default is the candidate with the lowest score. The
+candidates are fixed in `CANDIDATES`; their runs are appended to ``benchmarks/logs/defaults_runs.jsonl``.
+"""
+
+import argparse
+import math
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.run_applications import (  # noqa: E402
+    APPS,
+    RESULTS,
+    Setting,
+    SettingStats,
+    compress_log,
+    group_stats,
+    read_log,
+    train_missing,
+)
+
+_A: dict[str, Any] = {"lr": 0.1, "momentum": 0.9, "snopt_eps": 1e-3, "snopt_freq": 25, "snopt_kl_clip": 1e-2,
+                      "snopt_kl_clip_scope": "step"}  # base SGD(lr 0.1, momentum 0.9), each setting spelled out
+CANDIDATES: dict[str, dict[str, Any]] = {
+    "A: eps 1e-3, update_freq 25, kl_clip 1e-2 (step)": _A,
+    "B: eps 1e-2": {**_A, "snopt_eps": 1e-2},
+    "C: kl_clip 3e-3": {**_A, "snopt_kl_clip": 3e-3},
+    "D: update_freq 10": {**_A, "snopt_freq": 10},
+    # second round, around the first round's pick (D)
+    "E: update_freq 10, eps 1e-2": {**_A, "snopt_freq": 10, "snopt_eps": 1e-2},
+    "F: update_freq 10, eps 3e-3": {**_A, "snopt_freq": 10, "snopt_eps": 3e-3},
+    # third round: SOAP's scaling (Adam's, power ½, in SNOpt's eigenbasis), and a wider trust region, both on F
+    "G: F with power ½ (Adam-style scaling)": {**_A, "snopt_freq": 10, "snopt_eps": 3e-3, "snopt_power": 0.5},
+    "H: F with kl_clip 3e-2": {**_A, "snopt_freq": 10, "snopt_eps": 3e-3, "snopt_kl_clip": 3e-2},
+}
+SEEDS = (100, 101)
+
+
+def candidate_configs(apps: Sequence[str], seeds: Sequence[int]) -> list[tuple[str, Any]]:
+    """(candidate, RunConfig) for every application, seed and candidate (seed-major)."""
+    out = []
+    for app in apps:
+        for k in seeds:
+            for name, over in CANDIDATES.items():
+                out.append((name, replace(APPS[app], optimizer="snopt", seed=k, threads=1, **over)))
+    return out
+
+
+def _matches(record: dict[str, Any], cfg: Any) -> bool:
+    return bool(record["config"] == cfg.to_dict())
+
+
+def table(per_app: dict[str, dict[str, SettingStats]]) -> tuple[str, str]:
+    """The Markdown table and the chosen candidate."""
+    names = list(CANDIDATES)
+    rel: dict[str, list[float]] = {n: [] for n in names}
+    for stats in per_app.values():
+        for attr in ("worst_metric", "worst_loss"):
+            best = min(getattr(stats[n], attr) for n in names)
+            for n in names:
+                v = getattr(stats[n], attr)
+                rel[n].append(v / best if math.isfinite(best) and best > 0 else (1.0 if v == best else math.inf))
+    score = {n: max(rel[n], default=math.inf) for n in names}
+    pick = min(names, key=lambda n: score[n])
+    head = "| candidate | " + " | ".join(per_app) + " | score (worst relative cost) |"
+    lines = [head, "|" + "---|" * (len(per_app) + 2)]
+    for n in names:
+        cells = []
+        for app in per_app:
+            s = per_app[app][n]
+            wm = "miss" if math.isinf(s.worst_metric) else f"{s.worst_metric:.0f}"
+            wl = "miss" if math.isinf(s.worst_loss) else f"{s.worst_loss:.0f}"
+            extra = (f", {s.diverged} div." if s.diverged else "") + (f", {s.rejected} undone" if s.rejected else "")
+            cells.append(f"{wm} / {wl}{extra}")
+        sc = "∞" if math.isinf(score[n]) else f"{score[n]:.2f}"
+        lines.append(f"| {'**' + n + '**' if n == pick else n} | " + " | ".join(cells) + f" | {sc} |")
+    return "\n".join(lines), pick
+
+
+def main(argv: Iterable[str] | None = None) -> int:
+    """Train the candidates (or only tabulate with --from-log) and write results/defaults.md."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--apps", nargs="+", choices=sorted(APPS), default=list(APPS))
+    p.add_argument("--jobs", type=int, default=2)
+    p.add_argument("--log", type=Path, default=ROOT / "benchmarks" / "logs" / "defaults_runs.jsonl")
+    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--from-log", action="store_true")
+    args = p.parse_args(list(sys.argv[1:] if argv is None else argv))
+    pairs = candidate_configs(args.apps, SEEDS)
+    if args.from_log:
+        records = read_log(args.log) or read_log(args.out / (args.log.name + ".gz"))
+    else:
+        records = train_missing([c for _, c in pairs], args.log, jobs=args.jobs)
+        compress_log(args.log, args.out)
+    per_app: dict[str, dict[str, SettingStats]] = {}
+    for app in args.apps:
+        per_app[app] = {}
+        for name in CANDIDATES:
+            rs = [r for r in records for n, c in pairs if n == name and c.task == APPS[app].task
+                  and c.dataset == APPS[app].dataset and _matches(r, c)]
+            if rs:
+                per_app[app][name] = group_stats(Setting("snopt"), rs)
+        if len(per_app[app]) < len(CANDIDATES):
+            del per_app[app]
+    text, pick = table(per_app)
+    doc = ["# How SNOpt's defaults were chosen", "",
+           "`python benchmarks/choose_defaults.py` — each candidate is one SNOpt setting run unchanged on every "
+           f"application, on the tuning seeds {list(SEEDS)} (not the benchmark's). Cells: worst seed's CPU s to "
+           "the test-metric / train-loss target (miss: not reached on some seed). Score: the worst, over "
+           "applications and both targets, of the candidate's time ÷ the best candidate's there.", "", text, "",
+           f"Chosen: **{pick}**.", ""]
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "defaults.md").write_text("\n".join(doc))
+    print("\n".join(doc))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
