@@ -108,13 +108,14 @@ def _train(opt: snopt.SNOpt, model: nn.Module, steps: int) -> None:
         opt.step()
 
 
-def test_one_rank_distributed_path_matches_single_process(one_rank_group: None) -> None:
+@pytest.mark.parametrize("decay", [0.0, 0.7], ids=["latest-factors", "factor-average"])
+def test_one_rank_distributed_path_matches_single_process(one_rank_group: None, decay: float) -> None:
     assert not D.is_distributed()  # one rank: the default (None) stays single-process
     m1, m2 = make_model(), make_model()
     # The paper's settings (eps 0.05, no trust region): the small default damping and the trust region's ν
     # amplify the factors' packing round-off (1e-16) to 1e-9 after 5 steps; the path itself is what this
     # test checks.
-    kw: dict[str, Any] = {"update_freq": 2, "eps": 0.05, "kl_clip": None}
+    kw: dict[str, Any] = {"update_freq": 2, "eps": 0.05, "kl_clip": None, "factor_decay": decay}
     o1 = snopt.SNOpt(m1, torch.optim.SGD(m1.parameters(), lr=0.1, momentum=0.9), **kw)
     o2 = snopt.SNOpt(m2, torch.optim.SGD(m2.parameters(), lr=0.1, momentum=0.9), distributed=True, **kw)
     assert o1._dist is None and o2._dist is not None
@@ -124,6 +125,11 @@ def test_one_rank_distributed_path_matches_single_process(one_rank_group: None) 
         torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
     assert o2._dist.stats.allreduce_calls == 0  # one rank: nothing to communicate
     assert o2._dist.stats.eigh_layers == len(o2.layers)
+    for la, lb in zip(o1.layers, o2.layers, strict=True):  # the averages (if any) agree too
+        assert ("A_avg" in o1.state[la.weight]) == (decay > 0) == ("A_avg" in o2.state[lb.weight])
+        if decay > 0:
+            torch.testing.assert_close(o1.state[la.weight]["A_avg"], o2.state[lb.weight]["A_avg"], rtol=1e-12,
+                                       atol=1e-14)
 
 
 # ----------------------------------------------------------------------------- 2 ranks

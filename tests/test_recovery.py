@@ -116,9 +116,11 @@ def assert_same(a: Any, b: Any, where: str = "") -> None:
         assert a == b, (where, a, b)
 
 
+@pytest.mark.parametrize("decay", [0.0, 0.5], ids=["no-factor-average", "factor-average"])
 @pytest.mark.parametrize("refresh", [False, True], ids=["plain-step", "refresh-step"])
-def test_a_forward_failure_undoes_the_step_exactly_and_the_loop_sees_a_normal_output(refresh: bool) -> None:
-    model, opt = make()
+def test_a_forward_failure_undoes_the_step_exactly_and_the_loop_sees_a_normal_output(refresh: bool,
+                                                                                    decay: float) -> None:
+    model, opt = make(factor_decay=decay)
     for _ in range(2 if refresh else 3):  # update_freq 2: the step of index 2 refreshes the eigenbases, 3 does not
         iteration(model, opt)
     before_p, before_s = params(model), states(opt)

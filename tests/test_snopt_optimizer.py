@@ -482,3 +482,73 @@ def test_training_with_sampled_labels_collects_every_update_freq_steps() -> None
         losses.append(float(loss.detach()))
     assert calls == [0, 2, 4]
     assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("decay", [0.5, 0.9])
+def test_factor_decay_keeps_a_running_average_of_the_collected_factors(decay: float) -> None:
+    # Record what each refresh collects (before any averaging), then check the stored average and that the
+    # eigenbasis diagonalises it: A_avg = decay·A_prev_avg + (1 − decay)·A_new, the first refresh as collected.
+    torch.manual_seed(0)
+    func = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+
+    class F(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = func
+
+        def forward(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+            out: torch.Tensor = self.net(x)
+            return out
+
+    model = nn.Sequential(snopt.ODEBlock(F(), rtol=1e-6, atol=1e-8), nn.Linear(3, 2).double())
+    opt = snopt.SNOpt(model, torch.optim.SGD(model.parameters(), lr=0.05), update_freq=1, factor_decay=decay)
+    seen: list[dict[str, Any]] = []
+    for c in opt.collectors:
+        orig = c.kron_factors
+
+        def recorded(orig: Any = orig) -> Any:
+            out = orig()
+            seen.append({k: (v.A.clone(), v.G.clone()) for k, v in out.items()})
+            return out
+
+        c.kron_factors = recorded  # type: ignore[method-assign]
+    layer = next(la for la in opt.layers if la.module is func[0])
+    expected_a: torch.Tensor | None = None
+    expected_g: torch.Tensor | None = None
+    for i in range(4):
+        x, y = torch.randn(16, 3, dtype=torch.float64), torch.randint(0, 2, (16,))
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        a_new, g_new = next(d[layer.name] for d in seen[-len(opt.collectors):] if layer.name in d)
+        expected_a = a_new if expected_a is None else decay * expected_a + (1 - decay) * a_new
+        expected_g = g_new if expected_g is None else decay * expected_g + (1 - decay) * g_new
+        st = opt.state[layer.weight]
+        torch.testing.assert_close(st["A_avg"], expected_a, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(st["G_avg"], expected_g, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(st["U_A"] @ torch.diag(st["lam_A"]) @ st["U_A"].T, expected_a, rtol=1e-8,
+                                   atol=1e-10)
+        if i > 0:  # the average really differs from the latest collection
+            assert not torch.allclose(st["A_avg"], a_new)
+
+
+def test_factor_decay_is_validated() -> None:
+    model = Net()
+    for bad in (-0.1, 1.0, float("nan")):
+        with pytest.raises(ValueError, match="factor_decay"):
+            snopt.SNOpt(model, factor_decay=bad)
+
+
+def test_blend_factors_is_the_weighted_average_and_aliases_nothing() -> None:
+    from snopt.curvature import KronFactors, blend_factors
+
+    g = torch.Generator().manual_seed(0)
+    new = KronFactors(A=torch.rand(3, 3, generator=g), G=torch.rand(2, 2, generator=g), weight=torch.tensor(1.0))
+    prev = (torch.rand(3, 3, generator=g), torch.rand(2, 2, generator=g))
+    out = blend_factors(new, prev, 0.75)
+    torch.testing.assert_close(out.A, 0.75 * prev[0] + 0.25 * new.A)
+    torch.testing.assert_close(out.G, 0.75 * prev[1] + 0.25 * new.G)
+    first = blend_factors(new, None, 0.75)  # nothing to average with: the new factors, copied
+    assert torch.equal(first.A, new.A) and first.A.data_ptr() != new.A.data_ptr()
+    resized = blend_factors(new, (torch.ones(4, 4), torch.ones(2, 2)), 0.75)  # a layer that changed shape
+    assert torch.equal(resized.A, new.A)

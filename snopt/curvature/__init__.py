@@ -28,6 +28,7 @@ from snopt.curvature._kron import (
     VecOrder,
     Weight,
     accumulate_,
+    blend_factors,
     kron_block,
     time_average,
 )
@@ -69,6 +70,7 @@ __all__ = [
     "project_eigenvalues",
     "rotate",
     "set_weight_grad_matrix",
+    "blend_factors",
     "time_average",
     "unrotate",
     "weight_grad_matrix",

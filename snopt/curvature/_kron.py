@@ -191,6 +191,30 @@ def time_average(factors: KronFactors) -> KronFactors:
                        steps=factors.steps, rows_a=factors.rows_a, rows_g=factors.rows_g)
 
 
+def blend_factors(new: KronFactors, previous: tuple[Tensor, Tensor] | None, decay: float) -> KronFactors:
+    """A running average over refreshes: ``A ← decay·A_prev + (1 − decay)·A_new`` (and G).
+
+    KFAC keeps such a running average (Martens & Grosse 2015 §5); without one, a refresh that
+    collects on a batch the model already fits (loss ≈ 0, so G ≈ 0) replaces the curvature by
+    almost nothing, and the next preconditioned steps are 1/eps times the gradient.
+
+    Args:
+        new: The factors just collected.
+        previous: The last average ``(A, G)``, or None (the first refresh: `new` as it is).
+        decay: Weight of the previous average, in [0, 1); 0 returns copies of `new`'s A and G.
+
+    Returns:
+        New factors with the averaged A and G and `new`'s weight and counters (nothing aliased
+        with `previous`).
+    """
+    if previous is None or decay == 0.0 or previous[0].shape != new.A.shape or previous[1].shape != new.G.shape:
+        return KronFactors(A=new.A.clone(), G=new.G.clone(), weight=new.weight, steps=new.steps, rows_a=new.rows_a,
+                           rows_g=new.rows_g)  # a collector zeroes its factors in place after a refresh
+    return KronFactors(A=torch.lerp(new.A, previous[0].to(new.A), decay),
+                       G=torch.lerp(new.G, previous[1].to(new.G), decay),
+                       weight=new.weight, steps=new.steps, rows_a=new.rows_a, rows_g=new.rows_g)
+
+
 def kron_block(factors: KronFactors, *, order: VecOrder | str = VecOrder.ROW) -> Tensor:
     """The dense (d_out·d_in)² matrix A ⊗ G in the vec order of the (d_out, d_in) [W, b] gradient matrix.
 

@@ -476,14 +476,18 @@ class DistributedCurvature:
         else:
             self.last_factors = {(s.collector, s.name): f
                                  for s, f in zip(self.specs, factors, strict=True) if f is not None}
+            factors = opt.blend(factors)  # the same reduced factors on every rank: the same averages
             bases = self._gather_bases(factors, opt.damping)
             calls += self.stats.bases_calls
-            for layer, spec, basis, m2 in zip(opt.layers, self.specs, bases, init_second_moments(bases), strict=True):
-                if basis is None or m2 is None:
+            for layer, spec, f, basis, m2 in zip(opt.layers, self.specs, factors, bases, init_second_moments(bases),
+                                                 strict=True):
+                if basis is None or m2 is None or f is None:
                     continue
-                opt.state[layer.weight].update({
-                    "U_A": basis.U_A, "U_G": basis.U_G, "lam_A": basis.lam_A, "lam_G": basis.lam_G,
-                    "m2": m2, "batch_size": batch_sizes[spec.collector]})
+                st = opt.state[layer.weight]
+                st.update({"U_A": basis.U_A, "U_G": basis.U_G, "lam_A": basis.lam_A, "lam_G": basis.lam_G,
+                           "m2": m2, "batch_size": batch_sizes[spec.collector]})
+                if opt.factor_decay > 0.0:
+                    st.update({"A_avg": f.A, "G_avg": f.G})
         self._total_calls += calls
         self.stats.total_calls = self._total_calls
         for c in opt.collectors:

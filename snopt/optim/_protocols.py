@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from snopt.curvature._collector import FactorCollector
+from snopt.curvature._kron import KronFactors
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,13 @@ class CurvatureOwner(Protocol):
     @property
     def state(self) -> Any:
         """Per-weight state (eigenbases, m2), keyed by `KronLayerRef.weight`."""
+
+    @property
+    def factor_decay(self) -> float:
+        """Weight of the previous refresh's factors in the running average (0: none)."""
+
+    def blend(self, factors: list[KronFactors | None]) -> list[KronFactors | None]:
+        """Per layer, the new factors averaged with the previous refresh's."""
 
 
 class Undoable(CurvatureOwner, Protocol):

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from snopt._checks import ADAPTIVE_METHODS
 from snopt.curvature._collector import FactorCollector
 from snopt.curvature._eigen import EigenBasis, eigenbases, init_second_moments, precondition_, rotate
+from snopt.curvature._kron import KronFactors, blend_factors
 from snopt.curvature._layers import set_weight_grad_matrix, weight_grad_matrix
 from snopt.nn._ode_block import ODEBlock
 from snopt.optim._distributed import make_distributed
@@ -75,6 +76,9 @@ class SNOpt(torch.optim.Optimizer):
         power: Exponent of the eigen-corrected scaling: the update is U_G (G̃ / (m2 + eps)^power) U_Aᵀ.
             1 (default): EKFAC's natural-gradient step; 0.5: Adam's scaling run in SNOpt's eigenbasis
             (as SOAP does in Shampoo's). The trust region measures steps in the same metric.
+        factor_decay: Running average of the Kronecker factors over refreshes, A ← ρ·A_prev +
+            (1 − ρ)·A_new (KFAC's; 0: each refresh uses only what it just collected, as the paper).
+            It keeps one batch the model already fits (G ≈ 0) from replacing the curvature.
         recovery: Undo a step that breaks a solve instead of ending the run
             (`snopt.optim.StepRecovery`): a forward or backward `SolverError`, a non-finite model
             output or gradient at the parameters a step produced restores the parameters and
@@ -98,7 +102,8 @@ class SNOpt(torch.optim.Optimizer):
                  update_freq: int = 10, alpha: float = 0.75, full_precond: bool = True, damping: float = 0.0,
                  time_sharing: str = "expand", sampling: str = "steps", grid_h: float = 0.01,
                  distributed: bool | None = None, kl_clip: float | None = 1e-2,
-                 kl_clip_scope: str = "step", power: float = 1.0, recovery: bool = True) -> None:
+                 kl_clip_scope: str = "step", power: float = 1.0, factor_decay: float = 0.0,
+                 recovery: bool = True) -> None:
         if kl_clip is not None and not kl_clip > 0:
             raise ValueError(f"Invalid kl_clip: {kl_clip} (must be > 0, or None for no clipping)")
         if kl_clip_scope not in ("increment", "step"):
@@ -109,6 +114,8 @@ class SNOpt(torch.optim.Optimizer):
             raise ValueError(f"Invalid alpha: {alpha} (must be in [0, 1])")
         if not isinstance(update_freq, int) or update_freq < 1:
             raise ValueError(f"Invalid update_freq: {update_freq} (must be an integer ≥ 1)")
+        if not 0.0 <= factor_decay < 1.0:
+            raise ValueError(f"Invalid factor_decay: {factor_decay} (must be in [0, 1))")
         if not 0.0 < power <= 1.0:
             raise ValueError(f"Invalid power: {power} (must be in (0, 1])")
         if not damping >= 0:
@@ -132,6 +139,7 @@ class SNOpt(torch.optim.Optimizer):
         self.kl_clip = kl_clip
         self.kl_clip_scope = kl_clip_scope
         self.power = power
+        self.factor_decay = float(factor_decay)
         self._groups: dict[int, dict[str, Any]] = {}
         super().__init__(base.param_groups, {"snopt_eps": eps, "snopt_alpha": alpha})
         self.param_groups = base.param_groups
@@ -216,16 +224,30 @@ class SNOpt(torch.optim.Optimizer):
         # One batched eigh per factor size and one host sync for the whole refresh (snopt.curvature.eigenbases);
         # a layer without data, or with non-finite factors (a CurvatureWarning), keeps its previous basis.
         factors = {id(c): c.kron_factors() for c in self.collectors}
-        refresh = eigenbases([factors[id(layer.collector)].get(layer.name) for layer in self.layers],
-                             damping=self.damping, names=[layer.name for layer in self.layers])
-        for layer, basis, m2 in zip(self.layers, refresh.bases, init_second_moments(refresh.bases), strict=True):
-            if basis is None or m2 is None:
+        blended = self.blend([factors[id(layer.collector)].get(layer.name) for layer in self.layers])
+        refresh = eigenbases(blended, damping=self.damping, names=[layer.name for layer in self.layers])
+        for layer, f, basis, m2 in zip(self.layers, blended, refresh.bases, init_second_moments(refresh.bases),
+                                       strict=True):
+            if basis is None or m2 is None or f is None:
                 continue
-            self.state[layer.weight].update({"U_A": basis.U_A, "U_G": basis.U_G, "lam_A": basis.lam_A,
-                                             "lam_G": basis.lam_G, "m2": m2,
-                                             "batch_size": float(layer.collector.batch_size)})
+            st = self.state[layer.weight]
+            st.update({"U_A": basis.U_A, "U_G": basis.U_G, "lam_A": basis.lam_A, "lam_G": basis.lam_G, "m2": m2,
+                       "batch_size": float(layer.collector.batch_size)})
+            if self.factor_decay > 0.0:
+                st.update({"A_avg": f.A, "G_avg": f.G})
         for c in self.collectors:
             c.reset()
+
+    def blend(self, factors: list[KronFactors | None]) -> list[KronFactors | None]:
+        """Per layer (in `layers`' order), the new factors averaged with the last refresh's (`factor_decay`)."""
+        if self.factor_decay == 0.0:
+            return factors
+        out: list[KronFactors | None] = []
+        for layer, f in zip(self.layers, factors, strict=True):
+            st = self.state.get(layer.weight, {})
+            prev = (st["A_avg"], st["G_avg"]) if "A_avg" in st else None
+            out.append(None if f is None else blend_factors(f, prev, self.factor_decay))
+        return out
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
