@@ -119,6 +119,7 @@ def test_train_missing_trains_only_what_the_log_lacks(tmp_path: Path, monkeypatc
 
 
 def test_a_tiny_benchmark_writes_its_table_plot_and_summary(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
     assert ra.main(["--apps", "digits", "--seeds", "0", "--iterations", "2", "--settings", "snopt", "adam@0.01",
                     "--jobs", "1", "--log-dir", str(tmp_path / "logs"), "--out", str(tmp_path / "out")]) == 0
     out = tmp_path / "out"
@@ -132,3 +133,22 @@ def test_a_tiny_benchmark_writes_its_table_plot_and_summary(tmp_path: Path) -> N
     assert ra.main(["--apps", "digits", "--seeds", "0", "--iterations", "2", "--settings", "snopt", "adam@0.01",
                     "--from-log", "--log-dir", str(tmp_path / "logs"), "--out", str(out)]) == 0
     assert (out / "digits.md").read_text() == text
+
+
+def test_choose_defaults_counts_a_run_lost_after_it_reached_the_target_and_never_picks_it() -> None:
+    from benchmarks import choose_defaults as cd
+
+    held = record("snopt", None, 0, [0.1, 0.95, 0.97])
+    lost = record("snopt", None, 1, [0.1, 0.95, 0.37])  # reached 0.9, ended at 0.37 (digits seed 2's story)
+    never = record("snopt", None, 2, [0.1, 0.5, 0.6])  # a miss, not a loss
+    diverged_after = record("snopt", None, 3, [0.1, 0.95, 0.95], diverged="iteration 2: stiff")
+    assert cd.collapsed([held]) == 0 and cd.collapsed([never]) == 0
+    assert cd.collapsed([held, lost, never, diverged_after]) == 2
+    names = list(cd.CANDIDATES)
+    fast, slow = ra.group_stats(ra.Setting("snopt"), [record("snopt", None, 0, [0.1, 0.95, 0.97])]), \
+        ra.group_stats(ra.Setting("snopt"), [record("snopt", None, 0, [0.1, 0.5, 0.95], cpu_step=2.0)])
+    per_app = {"digits": {n: (fast if n == names[0] else slow) for n in names}}
+    _, pick = cd.table(per_app)
+    assert pick == names[0]
+    _, pick = cd.table(per_app, {"digits": {names[0]: 1}})  # the fastest lost a run: the next best is picked
+    assert pick == names[1]

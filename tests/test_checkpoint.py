@@ -22,6 +22,8 @@ from benchmarks.apps._common import EpochSampler, Task
 from benchmarks.apps._digits import ImageTask
 from benchmarks.apps._timeseries import TimeSeriesTask
 
+pytest.importorskip("sklearn")  # the optional extras (`pip install snopt[experiments]`)
+
 DIGITS = {"hidden": 4, "eval_train": 50}
 CASES = [
     # SNOpt with the Monte-Carlo Fisher (its own label stream), a cosine schedule (the rates are

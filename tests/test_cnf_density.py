@@ -4,6 +4,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 
 from benchmarks.apps import RunConfig
@@ -11,6 +12,8 @@ from benchmarks.apps._cnf import CNFTask
 from benchmarks.apps._common import resolve
 from benchmarks.apps._plots import plot_densities
 from benchmarks.apps._runner import compare, task_defaults, train
+
+pytest.importorskip("sklearn")  # the optional extras (`pip install snopt[experiments]`)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -74,6 +77,7 @@ def _record(optimizer: str, seed: int, value: float) -> dict[str, Any]:
 
 
 def test_plot_densities_draws_one_panel_per_optimizer_and_skips_runs_without_one(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
     runs = [_record("adam", 1, 2.0), _record("snopt", 0, 1.5), _record("adam", 0, 2.5),
             {"config": {"optimizer": "sgd", "seed": 0}}]
     out = plot_densities(runs, tmp_path / "d.png")
@@ -83,6 +87,7 @@ def test_plot_densities_draws_one_panel_per_optimizer_and_skips_runs_without_one
 
 
 def test_compare_writes_the_density_plot_for_a_2d_cnf_only(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
     tiny: dict[str, Any] = {"hidden": 4, "n_train": 100, "n_test": 100}
     base = RunConfig(task="cnf", dataset="moons", iterations=2, eval_every=1, batch_size=32, options=tiny)
     res = compare(base, ["adam", "sgd"], [0], out_dir=tmp_path / "moons", echo=None)

@@ -35,6 +35,7 @@ def _sktime() -> None:
 
 
 def test_split_is_frozen_and_read_only() -> None:
+    pytest.importorskip("sklearn")
     s = D.load_tabular("wine")
     with pytest.raises(dataclasses.FrozenInstanceError):
         s.x_train = s.x_test  # type: ignore[misc]
@@ -68,6 +69,7 @@ def test_stratified_indices_partition_and_proportions() -> None:
 
 
 def test_load_digits() -> None:
+    pytest.importorskip("sklearn")
     s = D.load_digits()
     assert s.x_train.shape == (1438, 1, 8, 8) and s.x_test.shape == (359, 1, 8, 8)
     assert s.x_train.dtype == torch.float32 and s.y_train.dtype == torch.int64
@@ -234,6 +236,7 @@ def test_load_svhn_from_generated_mat(tmp_path: Path) -> None:
 
 
 def test_load_uea_japanese_vowels() -> None:
+    pytest.importorskip("sktime")
     _sktime()
     s = D.load_uea("JapaneseVowels")
     assert s.x_train.shape == (270, 29, 12) and s.x_test.shape == (370, 29, 12)
@@ -252,6 +255,7 @@ def test_load_uea_japanese_vowels() -> None:
 
 
 def test_load_uea_basic_motions() -> None:
+    pytest.importorskip("sktime")
     _sktime()
     s = D.load_uea("BasicMotions", dtype=torch.float64)
     assert s.x_train.shape == (40, 100, 6) and s.x_test.shape == (40, 100, 6)
@@ -262,6 +266,7 @@ def test_load_uea_basic_motions() -> None:
 
 
 def test_missing_package_names_the_install() -> None:
+    pytest.importorskip("sktime")
     with pytest.raises(ImportError, match="pip install not-a-package"):
         require("snopt_no_such_module_xyz", "not-a-package")
     with pytest.raises(ValueError):
@@ -272,6 +277,7 @@ def test_missing_package_names_the_install() -> None:
 
 
 def test_load_tabular_wine_and_breast_cancer() -> None:
+    pytest.importorskip("sklearn")
     s = D.load_tabular("wine")
     assert (len(s.x_train), len(s.x_val), len(s.x_test)) == (124, 18, 36) and s.x_train.shape[1] == 13
     assert s.meta["dim"] == 13 and s.num_classes == 3
@@ -289,6 +295,8 @@ def test_load_tabular_wine_and_breast_cancer() -> None:
 
 
 def test_load_tabular_old_faithful_from_path(tmp_path: Path) -> None:
+    pytest.importorskip("sklearn")
+    pytest.importorskip("plotnine")
     csv = tmp_path / "faithful.csv"
     rows = [(1.8 + 0.01 * i, 50 + i % 40) for i in range(50)]
     csv.write_text('"eruptions","waiting"\n' + "".join(f"{a:.3f},{w}\n" for a, w in rows))
@@ -306,6 +314,8 @@ def test_load_tabular_old_faithful_from_path(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(D.faithful_csv_path() is None, reason="plotnine (which ships faithful.csv) is not installed")
 def test_load_tabular_old_faithful_shipped() -> None:
+    pytest.importorskip("sklearn")
+    pytest.importorskip("plotnine")
     s = D.load_tabular("old_faithful")
     assert len(s.x_train) + len(s.x_val) + len(s.x_test) == 272 and s.x_train.shape[1] == 2
     raw = D.read_faithful_csv(D.faithful_csv_path())  # type: ignore[arg-type]

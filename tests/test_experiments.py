@@ -25,6 +25,8 @@ from benchmarks.apps._runner import (
     time_to,
 )
 
+pytest.importorskip("sklearn")  # the optional extras (`pip install snopt[experiments]`)
+
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 RUN_KEYS = {"config", "resolved", "machine", "task", "history", "evals", "memory", "diverged", "resumed_at",
             "stopped_at_targets", "summary"}
@@ -56,6 +58,7 @@ def test_digits_training_reduces_the_loss(optimizer: str) -> None:
 
 
 def test_timeseries_training_reduces_the_loss() -> None:
+    pytest.importorskip("sktime")
     cfg = RunConfig(task="timeseries", dataset="BasicMotions", optimizer="snopt", iterations=6, batch_size=20,
                     eval_every=3, lr=0.05, snopt_freq=3, ode_only=True, lr2=0.02, options={"hidden": 8, "stride": 10})
     r = train(cfg)
@@ -110,6 +113,7 @@ class _Counter:
 
 
 def test_gru_ode_statistics_accumulate_over_every_interval() -> None:
+    pytest.importorskip("pytorch_optimizer")
     torch.manual_seed(0)
     obs_dt, steps = 0.25, 5
     model = GRUODE(3, 6, 2, obs_dt=obs_dt)
@@ -156,6 +160,7 @@ def test_newton_cg_on_digits_and_its_error_elsewhere() -> None:
 
 
 def test_cli_writes_json_table_and_plots(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("matplotlib")
     code = main(["digits", "--optimizer", "snopt", "adam", "--iterations", "4", "--eval-every", "2",
                  "--set", "hidden=3", "--set", "eval_train=100", "--lr", "snopt=0.05", "--lr", "adam=0.02",
                  "--out", str(tmp_path),
@@ -468,6 +473,7 @@ def test_paper_presets_follow_the_authors_scripts_per_data_set() -> None:
 
 
 def test_momentum_follows_the_preset_unless_given() -> None:
+    pytest.importorskip("sktime")
     """The paper's SNOpt runs (images, time series) and SGD runs (time series) have no momentum; ours elsewhere 0.9."""
     expected = {("digits", "paper"): {"sgd": 0.9, "snopt": 0.0}, ("digits", "fast"): {"sgd": 0.9, "snopt": 0.9},
                 ("timeseries", "paper"): {"sgd": 0.0, "snopt": 0.0}, ("timeseries", "fast"): {"sgd": 0.9, "snopt": 0.9},
@@ -480,6 +486,7 @@ def test_momentum_follows_the_preset_unless_given() -> None:
 
 
 def test_timeseries_paper_preset_is_the_authors_spoken_arabic_digits_script() -> None:
+    pytest.importorskip("sktime")
     """scripts/run_time_series.sh, spo-ad: the compared optimizer on the ODE only, Adam 3e-3 on the rest."""
     for name, lr in (("adam", 3e-3), ("sgd", 0.01), ("snopt", 5e-3)):
         cfg = RunConfig(task="timeseries", optimizer=name, preset="paper")  # type: ignore[arg-type]

@@ -27,6 +27,7 @@ from snopt.losses import sampled_cross_entropy
 from snopt.nn._ode_block import ODEBlock
 
 OptimizerName = Literal["snopt", "adam", "sgd", "soap", "kron", "newton-cg"]
+_OMIT_IF_UNSET = ("snopt_factor_decay",)
 OPTIMIZER_NAMES: tuple[OptimizerName, ...] = ("snopt", "adam", "sgd", "soap", "kron", "newton-cg")
 TaskName = Literal["digits", "fashion", "mnist", "cifar10", "svhn", "timeseries", "cnf"]
 TASK_NAMES: tuple[TaskName, ...] = ("digits", "fashion", "mnist", "cifar10", "svhn", "timeseries", "cnf")
@@ -113,6 +114,7 @@ class RunConfig:
         snopt_freq: SNOpt `update_freq` (None: the preset's).
         snopt_alpha: SNOpt second-moment decay (None: the library's default).
         snopt_power: SNOpt's scaling exponent (`SNOpt`'s `power`; None: the library's default).
+        snopt_factor_decay: SNOpt's running average of the factors (`factor_decay`; None: the default).
         snopt_kl_clip: SNOpt trust region `kl_clip` (None: the preset's; 0: off).
         snopt_kl_clip_scope: What the trust region bounds, ``"increment"`` or ``"step"`` (None: the preset's).
         snopt_fisher: SNOpt statistics, ``"empirical"`` or ``"mc"`` (None: the preset's).
@@ -144,6 +146,7 @@ class RunConfig:
     snopt_freq: int | None = None
     snopt_alpha: float | None = None
     snopt_power: float | None = None
+    snopt_factor_decay: float | None = None
     snopt_kl_clip: float | None = None
     snopt_kl_clip_scope: str | None = None
     snopt_fisher: str | None = None
@@ -187,8 +190,13 @@ class RunConfig:
                 raise ValueError(f"`{name}` must be positive; got {value}.")
 
     def to_dict(self) -> dict[str, Any]:
-        """The configuration as plain JSON types."""
-        return dataclasses.asdict(self)
+        """The configuration as plain JSON types (fields added later are left out while unset, so the
+        records of earlier runs keep matching their configurations)."""
+        d = dataclasses.asdict(self)
+        for key in _OMIT_IF_UNSET:
+            if d.get(key) is None:
+                d.pop(key, None)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "RunConfig":

@@ -171,7 +171,8 @@ def make_stepper(cfg: RunConfig, res: Resolved, task: Task) -> tuple[Stepper, to
     elif cfg.optimizer in ("soap", "kron"):
         opt = _peer_optimizer(cfg.optimizer, params, res)
     else:
-        opt = make_snopt(model, params, res, alpha=cfg.snopt_alpha, power=cfg.snopt_power, custom_base=bool(others))
+        opt = make_snopt(model, params, res, alpha=cfg.snopt_alpha, power=cfg.snopt_power,
+                         factor_decay=cfg.snopt_factor_decay, custom_base=bool(others))
     mc = opt if isinstance(opt, SNOpt) and res.snopt_fisher == "mc" else None  # Monte-Carlo Fisher statistics
     if mc is not None and task.metric != "accuracy":
         raise ValueError(f"snopt_fisher='mc' needs a classification task (labels sampled from the softmax); "
@@ -224,7 +225,7 @@ def _peer_optimizer(name: str, params: list[nn.Parameter], res: Resolved) -> tor
 
 
 def make_snopt(model: nn.Module, params: list[nn.Parameter], res: Resolved, *, alpha: float | None = None,
-               power: float | None = None, custom_base: bool = False) -> SNOpt:
+               power: float | None = None, factor_decay: float | None = None, custom_base: bool = False) -> SNOpt:
     """`SNOpt` with the run's settings; every setting the run leaves unset is the library's default.
 
     The base is SGD over `params` with the run's rate, momentum and weight decay when any of
@@ -237,6 +238,7 @@ def make_snopt(model: nn.Module, params: list[nn.Parameter], res: Resolved, *, a
         res: The resolved settings.
         alpha: The second-moment decay (None: the default).
         power: The scaling exponent (None: the default).
+        factor_decay: The factors' running average (None: the default).
         custom_base: Build the SGD base even when nothing about it is set.
 
     Returns:
@@ -244,7 +246,7 @@ def make_snopt(model: nn.Module, params: list[nn.Parameter], res: Resolved, *, a
     """
     kw: dict[str, Any] = {}
     for key, value in (("eps", res.snopt_eps), ("update_freq", res.snopt_freq), ("alpha", alpha), ("power", power),
-                       ("kl_clip_scope", res.snopt_kl_clip_scope)):
+                       ("factor_decay", factor_decay), ("kl_clip_scope", res.snopt_kl_clip_scope)):
         if value is not None:
             kw[key] = value
     if res.snopt_kl_clip is not None:
