@@ -135,15 +135,17 @@ def test_a_tiny_benchmark_writes_its_table_plot_and_summary(tmp_path: Path) -> N
     assert (out / "digits.md").read_text() == text
 
 
-def test_choose_defaults_counts_a_run_lost_after_it_reached_the_target_and_never_picks_it() -> None:
+def test_choose_defaults_counts_a_run_whose_train_loss_came_back_and_never_picks_it() -> None:
     from benchmarks import choose_defaults as cd
 
-    held = record("snopt", None, 0, [0.1, 0.95, 0.97])
-    lost = record("snopt", None, 1, [0.1, 0.95, 0.37])  # reached 0.9, ended at 0.37 (digits seed 2's story)
-    never = record("snopt", None, 2, [0.1, 0.5, 0.6])  # a miss, not a loss
-    diverged_after = record("snopt", None, 3, [0.1, 0.95, 0.95], diverged="iteration 2: stiff")
-    assert cd.collapsed([held]) == 0 and cd.collapsed([never]) == 0
-    assert cd.collapsed([held, lost, never, diverged_after]) == 2
+    held = record("snopt", None, 0, [0.1, 0.95, 0.97], loss_curve=[2.0, 0.05, 0.3])  # noisy, not lost
+    lost = record("snopt", None, 1, [0.1, 0.95, 0.37], loss_curve=[2.0, 0.05, 16.4])  # digits seed 2's story
+    never = record("snopt", None, 2, [0.1, 0.5, 0.6], loss_curve=[2.0, 1.5, 1.2])  # a miss, not a loss
+    overfit = record("snopt", None, 3, [0.1, 0.95, 0.1], loss_curve=[2.0, 0.05, 0.01])  # test metric lost only
+    diverged_after = record("snopt", None, 4, [0.1, 0.95, 0.95], loss_curve=[2.0, 0.05, 0.05],
+                            diverged="iteration 2: stiff")
+    assert cd.collapsed([held]) == 0 and cd.collapsed([never]) == 0 and cd.collapsed([overfit]) == 0
+    assert cd.collapsed([held, lost, never, overfit, diverged_after]) == 2
     names = list(cd.CANDIDATES)
     fast, slow = ra.group_stats(ra.Setting("snopt"), [record("snopt", None, 0, [0.1, 0.95, 0.97])]), \
         ra.group_stats(ra.Setting("snopt"), [record("snopt", None, 0, [0.1, 0.5, 0.95], cpu_step=2.0)])
