@@ -8,6 +8,8 @@
   `torch.func.jacrev` (not a vector-Jacobian product).
 """
 
+from typing import Any
+
 import numpy as np
 import pytest
 import torch
@@ -18,7 +20,7 @@ import snopt
 from snopt.nn import RegularizedField
 
 F64 = torch.float64
-TIGHT = {"rtol": 1e-11, "atol": 1e-11}
+TIGHT: dict[str, Any] = {"rtol": 1e-11, "atol": 1e-11}
 
 
 class Linear(nn.Module):
@@ -37,7 +39,8 @@ class MLP(nn.Module):
 
     def forward(self, t: Tensor, x: Tensor) -> Tensor:
         tt = t.expand(x.shape[0], 1)
-        return self.l2(torch.tanh(self.l1(torch.cat([x, tt], 1))))
+        out: Tensor = self.l2(torch.tanh(self.l1(torch.cat([x, tt], 1))))
+        return out
 
 
 def _exact_linear(a: Tensor, x0: Tensor, noise: Tensor, t1: float, kin: float, jac: float) -> Tensor:
@@ -55,12 +58,13 @@ def test_linear_field_regulariser_and_its_gradients_are_exact(kin: float, jac: f
     g = torch.Generator().manual_seed(3)
     a0 = 0.5 * torch.randn(3, 3, generator=g, dtype=F64)
     x0 = torch.randn(4, 3, generator=g, dtype=F64, requires_grad=True)
-    block = snopt.ODEBlock(Linear(a0), t1=0.9, **TIGHT, kinetic=kin, jacobian=jac)
+    field = Linear(a0)
+    block = snopt.ODEBlock(field, t1=0.9, **TIGHT, kinetic=kin, jacobian=jac)
     torch.manual_seed(11)
     y = block(x0)
     reg = snopt.nn.regularization(block)
     gy = torch.randn(y.shape, generator=g, dtype=F64)
-    ours = torch.autograd.grad((y * gy).sum() + reg, [block.func.a, x0])
+    ours = torch.autograd.grad((y * gy).sum() + reg, [field.a, x0])
 
     torch.manual_seed(11)  # the block's noise, drawn again from the same stream
     noise = torch.randn(x0.shape, dtype=F64)
@@ -141,15 +145,17 @@ def test_off_by_default_and_weights_validated() -> None:
     assert zero.regularization is None and not zero.regularized
     with pytest.raises(ValueError, match="nothing to add"):
         snopt.nn.regularization(nn.Sequential(zero))
-    for bad in ({"kinetic": -0.1}, {"jacobian": float("nan")}, {"kinetic": float("inf")}):
+    bads: list[dict[str, Any]] = [{"kinetic": -0.1}, {"jacobian": float("nan")}, {"kinetic": float("inf")}]
+    for bad in bads:
         with pytest.raises(ValueError, match="finite weight"):
             snopt.ODEBlock(func, **bad)
 
 
 def test_regularization_sums_the_blocks_and_snopt_trains_through_it() -> None:
     torch.manual_seed(0)
-    b1 = snopt.ODEBlock(MLP(2, 6), kinetic=0.1)
-    b2 = snopt.ODEBlock(MLP(2, 6), jacobian=0.1)
+    f1, f2 = MLP(2, 6), MLP(2, 6)
+    b1 = snopt.ODEBlock(f1, kinetic=0.1)
+    b2 = snopt.ODEBlock(f2, jacobian=0.1)
     model = nn.Sequential(b1, b2, nn.Linear(2, 3))
     x, y = torch.randn(32, 2), torch.randint(0, 3, (32,))
     assert float(snopt.nn.regularization(model)) == 0.0  # nothing has run yet
@@ -160,8 +166,8 @@ def test_regularization_sums_the_blocks_and_snopt_trains_through_it() -> None:
     for _ in range(3):
         opt.zero_grad()
         loss = nn.functional.cross_entropy(model(x), y) + snopt.nn.regularization(model)
-        loss.backward()
+        loss.backward()  # type: ignore[no-untyped-call]
         opt.step()
-    for m in (b1.func.l1, b2.func.l2):  # the collection iteration saw the regularised blocks' layers
+    for m in (f1.l1, f2.l2):  # the collection iteration saw the regularised blocks' layers
         m2 = opt.state[m.weight]["m2"]
         assert bool(torch.isfinite(m2).all()) and float(m2.abs().sum()) > 0
