@@ -179,6 +179,18 @@ def test_cli_writes_json_table_and_plots(tmp_path: Path, capsys: pytest.CaptureF
     assert data.startswith(PNG_MAGIC) and len(data) > 10_000
 
 
+def test_the_demos_optimizers_at_their_defaults_make_a_table(capsys: pytest.CaptureFixture[str],
+                                                              tmp_path: Path) -> None:
+    # `nox -s demo` runs SNOpt, Adam and SOAP; SNOpt and SOAP have no learning rate of the run's (None): the
+    # table once failed formatting it after every run had finished.
+    pytest.importorskip("pytorch_optimizer")
+    code = main(["demo", "--iterations", "2", "--eval-every", "2", "--set", "hidden=3", "--set", "eval_train=50",
+                 "--out", str(tmp_path), "--no-isolate", "--quiet", "--no-plots"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "| snopt | default |" in out and "| soap | default |" in out and "| adam |" in out
+
+
 def test_isolated_run_matches_the_in_process_record_shape() -> None:
     cfg = RunConfig(task="cnf", optimizer="adam", iterations=2, batch_size=16, eval_every=2,
                     options={"hidden": 4, "n_train": 50, "n_test": 50})

@@ -947,7 +947,8 @@ def format_table(agg: dict[str, dict[str, Any]], ratios: dict[str, dict[str, Any
     for name, a in agg.items():
         nfe = f"{_fmt(a['mean_nfe_forward'], 1)} / {_fmt(a['mean_nfe_backward'], 1)}"
         div = f" ({a['diverged']} diverged)" if a["diverged"] else ""
-        lines.append(f"| {name} | {a['lr']:g}{div} | {_fmt(a['final_test_metric'], 2 if pct > 1 else 3, pct)} | "
+        lr = "default" if a["lr"] is None else f"{a['lr']:g}"
+        lines.append(f"| {name} | {lr}{div} | {_fmt(a['final_test_metric'], 2 if pct > 1 else 3, pct)} | "
                      f"{_fmt(a['final_train_loss'], 3)} | {_fmt(a['time_to_target_loss'], 1)} | "
                      f"{_fmt(a['time_to_target_metric'], 1)} | {_fmt(a['mean_step_time'], 3)} | {nfe} | "
                      f"{_fmt(a['peak_rss_mib'], 0)} |")
