@@ -22,7 +22,6 @@ targets). Iterations answer "fewer steps?" independently of the machine's load.
 """
 
 import argparse
-import gzip
 import json
 import sys
 from collections.abc import Iterator, Sequence
@@ -39,7 +38,7 @@ import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 import benchmarks.apps._runner as runner  # noqa: E402
-from benchmarks.apps._common import RunConfig  # noqa: E402
+from benchmarks.apps._common import RunConfig, logged_runs  # noqa: E402
 from snopt import SNOpt  # noqa: E402
 from snopt.curvature import KronFactors, weight_grad_matrix  # noqa: E402
 
@@ -169,15 +168,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                     print(json.dumps({k: v for k, v in row.items() if k != "machine"}), flush=True)
                     with LOG.open("a") as fh:
                         fh.write(json.dumps(row) + "\n")
-    if LOG.exists() and not args.from_log:
-        RUNS.write_bytes(gzip.compress(LOG.read_bytes(), mtime=0))
-    if LOG.exists():
-        text = LOG.read_text()
-    elif RUNS.exists():
-        text = gzip.decompress(RUNS.read_bytes()).decode()
-    else:
-        raise SystemExit(f"No runs logged at {LOG} or {RUNS}; run without --from-log first.")
-    runs = [json.loads(line) for line in text.splitlines() if line.strip()]
+    runs = logged_runs(LOG, RUNS, trained=not args.from_log)
     OUT.write_text(table(runs))
     print(OUT.read_text())
 

@@ -27,7 +27,6 @@ and the table to ``benchmarks/results/stiffness.md``.
 """
 
 import argparse
-import gzip
 import json
 import math
 import statistics
@@ -48,7 +47,7 @@ from torch import Tensor, nn  # noqa: E402
 from torch.func import functional_call, jacrev, vmap  # noqa: E402
 from torchdiffeq import odeint  # noqa: E402
 
-from benchmarks.apps._common import RunConfig, machine_info, resolve  # noqa: E402
+from benchmarks.apps._common import RunConfig, logged_runs, machine_info, resolve  # noqa: E402
 from benchmarks.apps._digits import ImageTask  # noqa: E402
 from benchmarks.apps._runner import make_stepper, make_task, task_defaults  # noqa: E402
 from snopt.nn import ODEBlock  # noqa: E402
@@ -279,15 +278,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 run = train(args.task, s, seed, args.probe_every, args.probe_size, args.iterations)
                 with LOG.open("a") as fh:
                     fh.write(json.dumps(run) + "\n")
-    if LOG.exists() and not args.from_log:
-        RUNS.write_bytes(gzip.compress(LOG.read_bytes(), mtime=0))
-    if LOG.exists():
-        text = LOG.read_text()
-    elif RUNS.exists():
-        text = gzip.decompress(RUNS.read_bytes()).decode()
-    else:
-        raise SystemExit(f"No runs logged at {LOG} or {RUNS}; run without --from-log first.")
-    runs = [json.loads(line) for line in text.splitlines() if line.strip()]
+    runs = logged_runs(LOG, RUNS, trained=not args.from_log)
     OUT.write_text(table(runs))
     print(OUT.read_text())
 

@@ -1,10 +1,15 @@
 """The measurements behind #35's analyses: the field Jacobian of benchmarks/stiffness.py and SOAP's basis in
 benchmarks/soap_basis.py, each against an independent dense computation."""
 
+import json
+from pathlib import Path
+
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from benchmarks.apps._common import logged_runs
 from benchmarks.apps._digits import ConvODEFunc
 from benchmarks.soap_basis import GradientBasisSNOpt
 from benchmarks.stiffness import at_level, jacobians, parse_setting
@@ -68,3 +73,13 @@ def test_soap_basis_diagonalises_the_gradient_outer_products_since_the_last_refr
     # m2 is the diagonal of K-FAC's A ⊗ G in that basis: non-negative and not λ_G λ_Aᵀ of the gradient factors
     assert bool((st["m2"] >= 0).all())
     assert not torch.allclose(st["m2"], torch.outer(st["lam_G"], st["lam_A"]))
+
+
+def test_logged_runs_commit_the_log_and_read_it_back_without_it(tmp_path: Path) -> None:
+    log, committed = tmp_path / "runs.jsonl", tmp_path / "runs.jsonl.gz"
+    with pytest.raises(SystemExit, match="No runs logged"):
+        logged_runs(log, committed, trained=False)
+    log.write_text(json.dumps({"a": 1}) + "\n" + json.dumps({"a": 2}) + "\n")
+    assert logged_runs(log, committed, trained=True) == [{"a": 1}, {"a": 2}]
+    log.unlink()
+    assert logged_runs(log, committed, trained=False) == [{"a": 1}, {"a": 2}]

@@ -6,6 +6,8 @@ owns the loop, the clock and the bookkeeping, so every optimizer is timed the sa
 """
 
 import dataclasses
+import gzip
+import json
 import math
 import os
 import platform
@@ -16,6 +18,7 @@ import sys
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -550,7 +553,33 @@ def iterate_chunks(n: int, size: int) -> Iterator[slice]:
         yield slice(start, min(n, start + size))
 
 
+
+def logged_runs(log: Path, committed: Path, *, trained: bool) -> list[dict[str, Any]]:
+    """The runs of an analysis script: its JSON-lines `log`, else the gzipped copy `committed`.
+
+    Args:
+        log: The working log (``benchmarks/logs/...jsonl``), appended to by the script.
+        committed: Its gzipped copy in ``benchmarks/results``.
+        trained: Whether this invocation trained: then `committed` is rewritten from `log` first.
+
+    Returns:
+        One dict per run.
+
+    Raises:
+        SystemExit: When neither file exists.
+    """
+    if log.exists() and trained:
+        committed.write_bytes(gzip.compress(log.read_bytes(), mtime=0))
+    if log.exists():
+        text = log.read_text()
+    elif committed.exists():
+        text = gzip.decompress(committed.read_bytes()).decode()
+    else:
+        raise SystemExit(f"No runs logged at {log} or {committed}; run without --from-log first.")
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
 __all__ = [
+    "logged_runs",
     "OPTIMIZER_NAMES",
     "PRESETS",
     "IMAGE_TASKS",
