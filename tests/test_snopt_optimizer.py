@@ -552,3 +552,75 @@ def test_blend_factors_is_the_weighted_average_and_aliases_nothing() -> None:
     assert torch.equal(first.A, new.A) and first.A.data_ptr() != new.A.data_ptr()
     resized = blend_factors(new, (torch.ones(4, 4), torch.ones(2, 2)), 0.75)  # a layer that changed shape
     assert torch.equal(resized.A, new.A)
+
+
+def _scaled_step(opt: snopt.SNOpt, model: nn.Module, scale: float) -> None:
+    opt.zero_grad()
+    (scale * loss_of(model)).backward()
+    opt.step()
+
+
+def _bases(opt: snopt.SNOpt) -> list[list[Tensor]]:
+    return [[opt.state[la.weight][k].clone() for k in ("U_A", "U_G", "lam_A", "lam_G")] for la in opt.layers]
+
+
+@pytest.mark.parametrize(("scale", "refused"), [(0.3, True), (0.32, False)])
+def test_refresh_guard_refuses_exactly_the_refreshes_whose_curvature_collapsed(scale: float, refused: bool) -> None:
+    # lr 0 keeps the parameters, so the same batch gives the same A and a G scaled by scale² (the loss's
+    # cotangents scale by `scale`): tr(A)·tr(G) falls to 0.09 (< guard 0.1, refused) or 0.1024 (installed).
+    model = Net()
+    opt = snopt.SNOpt(model, torch.optim.SGD(model.parameters(), lr=0.0), update_freq=1, refresh_guard=0.1)
+    _scaled_step(opt, model, 1.0)
+    first = _bases(opt)
+    assert opt.refused_refreshes == 0
+    _scaled_step(opt, model, scale)
+    after = _bases(opt)
+    if refused:
+        assert opt.refused_refreshes == len(opt.layers)
+        assert all(torch.equal(a, b) for la, lb in zip(first, after, strict=True) for a, b in zip(la, lb, strict=True))
+    else:
+        assert opt.refused_refreshes == 0
+        for (_, _, lam_a0, lam_g0), (_, _, lam_a1, lam_g1) in zip(first, after, strict=True):
+            torch.testing.assert_close(lam_a1, lam_a0, rtol=1e-10, atol=1e-14)
+            torch.testing.assert_close(lam_g1, scale**2 * lam_g0, rtol=1e-8, atol=1e-14)
+
+
+def test_refresh_guard_off_installs_every_refresh() -> None:
+    for guard in (None, 0.0):
+        model = Net()
+        opt = snopt.SNOpt(model, torch.optim.SGD(model.parameters(), lr=0.0), update_freq=1, refresh_guard=guard)
+        _scaled_step(opt, model, 1.0)
+        first = _bases(opt)
+        _scaled_step(opt, model, 1e-3)
+        assert opt.refused_refreshes == 0
+        for (_, _, _, lam_g0), (_, _, _, lam_g1) in zip(first, _bases(opt), strict=True):
+            torch.testing.assert_close(lam_g1, 1e-6 * lam_g0, rtol=1e-8, atol=1e-20)
+
+
+def test_refresh_guard_compares_with_the_last_installed_curvature_and_its_count_is_saved() -> None:
+    # Two collapsed refreshes in a row are both refused (the second is not compared with the first), a
+    # recovered one is installed; the count survives state_dict → load_state_dict and the recovery's counters.
+    model = Net()
+    opt = snopt.SNOpt(model, torch.optim.SGD(model.parameters(), lr=0.0), update_freq=1)
+    assert opt.refresh_guard == 0.1  # the default
+    n = len(opt.layers)
+    for scale, expected in ((1.0, 0), (0.1, n), (0.1, 2 * n), (0.5, 2 * n)):
+        _scaled_step(opt, model, scale)
+        assert opt.refused_refreshes == expected
+    sd = opt.state_dict()
+    other_model = Net()
+    other = snopt.SNOpt(other_model, torch.optim.SGD(other_model.parameters(), lr=0.0), update_freq=1)
+    other.load_state_dict(copy.deepcopy(sd))
+    assert other.refused_refreshes == 2 * n
+    saved = opt.counters()
+    _scaled_step(opt, model, 0.01)
+    assert opt.refused_refreshes == 3 * n
+    opt.restore_counters(saved)
+    assert opt.refused_refreshes == 2 * n
+
+
+def test_refresh_guard_is_validated() -> None:
+    model = Net()
+    for bad in (-0.1, 1.0, float("nan")):
+        with pytest.raises(ValueError, match="refresh_guard"):
+            snopt.SNOpt(model, refresh_guard=bad)

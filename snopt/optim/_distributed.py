@@ -72,7 +72,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from snopt.curvature._eigen import CurvatureWarning, EigenBasis, eigenbases, init_second_moments
+from snopt.curvature._eigen import CurvatureWarning, EigenBasis, eigenbases
 from snopt.curvature._kron import KronFactors, TimeSharing
 from snopt.curvature._layers import layer_dims
 from snopt.optim._protocols import CurvatureOwner
@@ -479,15 +479,7 @@ class DistributedCurvature:
             factors = opt.blend(factors)  # the same reduced factors on every rank: the same averages
             bases = self._gather_bases(factors, opt.damping)
             calls += self.stats.bases_calls
-            for layer, spec, f, basis, m2 in zip(opt.layers, self.specs, factors, bases, init_second_moments(bases),
-                                                 strict=True):
-                if basis is None or m2 is None or f is None:
-                    continue
-                st = opt.state[layer.weight]
-                st.update({"U_A": basis.U_A, "U_G": basis.U_G, "lam_A": basis.lam_A, "lam_G": basis.lam_G,
-                           "m2": m2, "batch_size": batch_sizes[spec.collector]})
-                if opt.factor_decay > 0.0:
-                    st.update({"A_avg": f.A, "G_avg": f.G})
+            opt.install(factors, bases, [float(batch_sizes[spec.collector]) for spec in self.specs])
         self._total_calls += calls
         self.stats.total_calls = self._total_calls
         for c in opt.collectors:

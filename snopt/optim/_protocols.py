@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from snopt.curvature._collector import FactorCollector
+from snopt.curvature._eigen import EigenBasis
 from snopt.curvature._kron import KronFactors
 
 
@@ -58,6 +59,10 @@ class CurvatureOwner(Protocol):
 
     def blend(self, factors: list[KronFactors | None]) -> list[KronFactors | None]:
         """Per layer, the new factors averaged with the previous refresh's."""
+
+    def install(self, factors: list[KronFactors | None], bases: list[EigenBasis | None],
+                batch_sizes: list[float]) -> None:
+        """Per layer, install a refresh's basis and m2 (or keep the layer's state: see `SNOpt.install`)."""
 
 
 class Undoable(CurvatureOwner, Protocol):

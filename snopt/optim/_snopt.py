@@ -79,6 +79,16 @@ class SNOpt(torch.optim.Optimizer):
         factor_decay: Running average of the Kronecker factors over refreshes, A ← ρ·A_prev +
             (1 − ρ)·A_new (KFAC's; 0: each refresh uses only what it just collected, as the paper).
             It keeps one batch the model already fits (G ≈ 0) from replacing the curvature.
+        refresh_guard: Refuse, per layer, a refresh whose curvature collapsed: where the new
+            tr(A)·tr(G) (= Σλ_A·Σλ_G) is below ``refresh_guard`` × that of the layer's current basis,
+            the layer keeps its basis and m2 (and its factor average) and the refusal is counted in
+            `refused_refreshes`. The empirical Fisher of a batch the model already fits is ≈ 0;
+            installed, it leaves eps alone to bound the step, and the next batches' loss jumps
+            (measured on digits: a refresh with ratio 0.006–0.04 was followed by a loss of 3–61 from
+            ≤ 0.004; ordinary refreshes have ratios ≥ 0.14; ``benchmarks/results/defaults.md``).
+            Compared with the layer's last *installed* curvature, so a run of fitted batches is
+            refused throughout (the old, larger curvature gives the smaller step; m2 keeps tracking
+            the gradients every step). None or 0: off (every refresh installed, as the paper).
         recovery: Undo a step that breaks a solve instead of ending the run
             (`snopt.optim.StepRecovery`): a forward or backward `SolverError`, a non-finite model
             output or gradient at the parameters a step produced restores the parameters and
@@ -103,7 +113,7 @@ class SNOpt(torch.optim.Optimizer):
                  time_sharing: str = "expand", sampling: str = "steps", grid_h: float = 0.01,
                  distributed: bool | None = None, kl_clip: float | None = 1e-2,
                  kl_clip_scope: str = "step", power: float = 1.0, factor_decay: float = 0.0,
-                 recovery: bool = True) -> None:
+                 refresh_guard: float | None = 0.1, recovery: bool = True) -> None:
         if kl_clip is not None and not kl_clip > 0:
             raise ValueError(f"Invalid kl_clip: {kl_clip} (must be > 0, or None for no clipping)")
         if kl_clip_scope not in ("increment", "step"):
@@ -116,6 +126,8 @@ class SNOpt(torch.optim.Optimizer):
             raise ValueError(f"Invalid update_freq: {update_freq} (must be an integer ≥ 1)")
         if not 0.0 <= factor_decay < 1.0:
             raise ValueError(f"Invalid factor_decay: {factor_decay} (must be in [0, 1))")
+        if refresh_guard is not None and not 0.0 <= refresh_guard < 1.0:
+            raise ValueError(f"Invalid refresh_guard: {refresh_guard} (must be in [0, 1), or None for off)")
         if not 0.0 < power <= 1.0:
             raise ValueError(f"Invalid power: {power} (must be in (0, 1])")
         if not damping >= 0:
@@ -140,6 +152,9 @@ class SNOpt(torch.optim.Optimizer):
         self.kl_clip_scope = kl_clip_scope
         self.power = power
         self.factor_decay = float(factor_decay)
+        self.refresh_guard = float(refresh_guard or 0.0)
+        self.refused_refreshes = 0
+        """Layer refreshes refused by `refresh_guard` so far (in `state_dict`)."""
         self._groups: dict[int, dict[str, Any]] = {}
         super().__init__(base.param_groups, {"snopt_eps": eps, "snopt_alpha": alpha})
         self.param_groups = base.param_groups
@@ -202,8 +217,8 @@ class SNOpt(torch.optim.Optimizer):
         return all_finite([p.grad for g in self.param_groups for p in g["params"] if p.grad is not None])
 
     def counters(self) -> dict[str, Any]:
-        """The scalars a step changes: the step count and the last trust-region factor."""
-        return {"step": self._k, "last_clip": self.last_clip}
+        """The scalars a step changes: the step count, the last trust-region factor, the refused refreshes."""
+        return {"step": self._k, "last_clip": self.last_clip, "refused_refreshes": self.refused_refreshes}
 
     def restore_counters(self, counters: dict[str, Any]) -> None:
         """Set the step count and trust-region factor back (an undone step) and reset the collectors.
@@ -213,6 +228,7 @@ class SNOpt(torch.optim.Optimizer):
         """
         self._k = int(counters["step"])
         self.last_clip = float(counters["last_clip"])
+        self.refused_refreshes = int(counters.get("refused_refreshes", self.refused_refreshes))
         for c in self.collectors:
             c.reset()
         self._set_collecting(self._k % self.update_freq == 0)
@@ -226,17 +242,48 @@ class SNOpt(torch.optim.Optimizer):
         factors = {id(c): c.kron_factors() for c in self.collectors}
         blended = self.blend([factors[id(layer.collector)].get(layer.name) for layer in self.layers])
         refresh = eigenbases(blended, damping=self.damping, names=[layer.name for layer in self.layers])
-        for layer, f, basis, m2 in zip(self.layers, blended, refresh.bases, init_second_moments(refresh.bases),
-                                       strict=True):
-            if basis is None or m2 is None or f is None:
+        self.install(blended, refresh.bases, [float(layer.collector.batch_size) for layer in self.layers])
+        for c in self.collectors:
+            c.reset()
+
+    def install(self, factors: list[KronFactors | None], bases: list[EigenBasis | None],
+                batch_sizes: list[float]) -> None:
+        """Install a refresh per layer (in `layers`' order): basis, m2 = λ_G λ_Aᵀ, factor average.
+
+        A layer whose factors or basis is None keeps its state, and so does one whose new
+        curvature Σλ_A·Σλ_G falls below `refresh_guard` × its current one (counted in
+        `refused_refreshes`; the comparison costs one host sync for all layers).
+
+        Args:
+            factors: The (blended) factors of the refresh, or None per layer.
+            bases: Their eigenbases, or None per layer.
+            batch_sizes: Per layer, the batch size its statistics were gathered on.
+        """
+        accept = [f is not None and b is not None for f, b in zip(factors, bases, strict=True)]
+        if self.refresh_guard > 0.0:
+            checked = [i for i, (layer, b) in enumerate(zip(self.layers, bases, strict=True))
+                       if accept[i] and b is not None and "lam_A" in self.state.get(layer.weight, {})]
+            if checked:
+                flags = []
+                for i in checked:
+                    st, b = self.state[self.layers[i].weight], bases[i]
+                    assert b is not None
+                    ok = b.lam_A.sum() * b.lam_G.sum() >= self.refresh_guard * (st["lam_A"].sum() * st["lam_G"].sum())
+                    flags.append(ok.reshape(1).to(bases[checked[0]].lam_A.device))  # type: ignore[union-attr]
+                keep = torch.cat(flags).tolist()  # one host sync for all layers
+                for i, ok in zip(checked, keep, strict=True):
+                    if not ok:
+                        accept[i] = False
+                        self.refused_refreshes += 1
+        for layer, f, basis, m2, bs, ok in zip(self.layers, factors, bases, init_second_moments(bases),
+                                               batch_sizes, accept, strict=True):
+            if not ok or basis is None or m2 is None or f is None:
                 continue
             st = self.state[layer.weight]
             st.update({"U_A": basis.U_A, "U_G": basis.U_G, "lam_A": basis.lam_A, "lam_G": basis.lam_G, "m2": m2,
-                       "batch_size": float(layer.collector.batch_size)})
+                       "batch_size": float(bs)})
             if self.factor_decay > 0.0:
                 st.update({"A_avg": f.A, "G_avg": f.G})
-        for c in self.collectors:
-            c.reset()
 
     def blend(self, factors: list[KronFactors | None]) -> list[KronFactors | None]:
         """Per layer (in `layers`' order), the new factors averaged with the last refresh's (`factor_decay`)."""
@@ -397,7 +444,7 @@ class SNOpt(torch.optim.Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """SNOpt's per-layer state (eigenbases, m2), its step counter and the base optimizer's state."""
         out = {"snopt": super().state_dict(), "base": self.base.state_dict(), "step": self._k,
-               "last_clip": self.last_clip}
+               "last_clip": self.last_clip, "refused_refreshes": self.refused_refreshes}
         if self.recovery is not None:
             out["recovery"] = self.recovery.state_dict()
         return out
@@ -413,6 +460,7 @@ class SNOpt(torch.optim.Optimizer):
         self.param_groups = self.base.param_groups
         self._k = int(state_dict["step"])
         self.last_clip = float(state_dict.get("last_clip", 1.0))
+        self.refused_refreshes = int(state_dict.get("refused_refreshes", 0))
         self._set_collecting(self._k % self.update_freq == 0)
         if self.recovery is not None and "recovery" in state_dict:
             self.recovery.load_state_dict(state_dict["recovery"])
