@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.apps._common import RunConfig, machine_info  # noqa: E402
+from benchmarks.apps._common import RunConfig, machine_info, upgrade_config  # noqa: E402
 from benchmarks.apps._runner import run, task_defaults  # noqa: E402
 
 APPS: dict[str, RunConfig] = {
@@ -119,7 +119,10 @@ def read_log(path: Path) -> list[dict[str, Any]]:
         return []
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rt") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        records = [json.loads(line) for line in f if line.strip()]
+    for r in records:
+        upgrade_config(r["config"])
+    return records
 
 
 def _train_one(cfg_dict: dict[str, Any]) -> dict[str, Any]:

@@ -127,7 +127,10 @@ def test_a_tiny_benchmark_writes_its_table_plot_and_summary(tmp_path: Path) -> N
     assert "| **snopt** |" in text and "| adam@0.01 |" in text and "worst seed" in text
     assert (out / "digits.png").read_bytes()[:8] == PNG_MAGIC
     assert "[digits](digits.md)" in (out / "applications.md").read_text()
-    assert len(ra.read_log(out / "digits_runs.jsonl.gz")) == 2
+    logged = ra.read_log(out / "digits_runs.jsonl.gz")
+    assert len(logged) == 2
+    by_opt = {r["config"]["optimizer"]: r for r in logged}
+    assert by_opt["snopt"]["refused_refreshes"] == 0 and by_opt["adam"]["refused_refreshes"] is None
     # rewriting from the log trains nothing and gives the same table
     (out / "digits.md").unlink()
     assert ra.main(["--apps", "digits", "--seeds", "0", "--iterations", "2", "--settings", "snopt", "adam@0.01",
@@ -154,3 +157,21 @@ def test_choose_defaults_counts_a_run_whose_train_loss_came_back_and_never_picks
     assert pick == names[0]
     _, pick = cd.table(per_app, {"digits": {names[0]: 1}})  # the fastest lost a run: the next best is picked
     assert pick == names[1]
+
+
+def test_choose_defaults_reruns_named_candidates_side_by_side() -> None:
+    from benchmarks import choose_defaults as cd
+
+    names = cd.select(["K", "F"])
+    assert [n.split(":")[0] for n in names] == ["F", "K"]  # the table's order, not the command line's
+    with pytest.raises(SystemExit, match="unknown candidate"):
+        cd.select(["F", "Z"])
+    assert cd.select(None) == list(cd.CANDIDATES)
+    pairs = cd.candidate_configs(["digits"], (100, 101), names)
+    # seed-major: the two candidates of one seed are adjacent, so two jobs train them at the same time
+    assert [(n.split(":")[0], c.seed) for n, c in pairs] == [("F", 100), ("K", 100), ("F", 101), ("K", 101)]
+    assert [c.snopt_refresh_guard for _, c in pairs] == [0.0, 0.1, 0.0, 0.1]
+    fast = ra.group_stats(ra.Setting("snopt"), [record("snopt", None, 0, [0.1, 0.95, 0.97])])
+    slow = ra.group_stats(ra.Setting("snopt"), [record("snopt", None, 0, [0.1, 0.5, 0.95], cpu_step=2.0)])
+    text, pick = cd.table({"digits": {names[0]: slow, names[1]: fast}}, None, names)
+    assert pick == names[1] and text.count("\n") == 3  # header, rule and the two named candidates only

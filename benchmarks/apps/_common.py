@@ -31,6 +31,9 @@ from snopt.nn._ode_block import ODEBlock
 
 OptimizerName = Literal["snopt", "adam", "sgd", "soap", "kron", "newton-cg"]
 _OMIT_IF_UNSET = ("snopt_factor_decay",)
+# SNOpt settings added after runs were logged, with the value those runs had. A SNOpt run's record always
+# names them (None: the library's default); `upgrade_config` fills them into older records.
+_ADDED_SNOPT_SETTINGS: dict[str, Any] = {"snopt_refresh_guard": 0.0}
 OPTIMIZER_NAMES: tuple[OptimizerName, ...] = ("snopt", "adam", "sgd", "soap", "kron", "newton-cg")
 TaskName = Literal["digits", "fashion", "mnist", "cifar10", "svhn", "timeseries", "cnf"]
 TASK_NAMES: tuple[TaskName, ...] = ("digits", "fashion", "mnist", "cifar10", "svhn", "timeseries", "cnf")
@@ -118,6 +121,7 @@ class RunConfig:
         snopt_alpha: SNOpt second-moment decay (None: the library's default).
         snopt_power: SNOpt's scaling exponent (`SNOpt`'s `power`; None: the library's default).
         snopt_factor_decay: SNOpt's running average of the factors (`factor_decay`; None: the default).
+        snopt_refresh_guard: SNOpt's `refresh_guard` (None: the default; 0: off).
         snopt_kl_clip: SNOpt trust region `kl_clip` (None: the preset's; 0: off).
         snopt_kl_clip_scope: What the trust region bounds, ``"increment"`` or ``"step"`` (None: the preset's).
         snopt_fisher: SNOpt statistics, ``"empirical"`` or ``"mc"`` (None: the preset's).
@@ -150,6 +154,7 @@ class RunConfig:
     snopt_alpha: float | None = None
     snopt_power: float | None = None
     snopt_factor_decay: float | None = None
+    snopt_refresh_guard: float | None = None
     snopt_kl_clip: float | None = None
     snopt_kl_clip_scope: str | None = None
     snopt_fisher: str | None = None
@@ -199,6 +204,10 @@ class RunConfig:
         for key in _OMIT_IF_UNSET:
             if d.get(key) is None:
                 d.pop(key, None)
+        if self.optimizer != "snopt":
+            for key in _ADDED_SNOPT_SETTINGS:
+                if d.get(key) is None:
+                    d.pop(key, None)
         return d
 
     @classmethod
@@ -554,6 +563,25 @@ def iterate_chunks(n: int, size: int) -> Iterator[slice]:
 
 
 
+def upgrade_config(d: dict[str, Any]) -> dict[str, Any]:
+    """A logged configuration with the SNOpt settings added since filled in as they were (in place).
+
+    A SNOpt run logged before a setting existed ran without it (``refresh_guard`` off); its
+    record, written by an older `RunConfig.to_dict`, lacks the key. Other optimizers' records
+    are left alone.
+
+    Args:
+        d: A record's ``config``.
+
+    Returns:
+        `d`.
+    """
+    if d.get("optimizer") == "snopt":
+        for key, value in _ADDED_SNOPT_SETTINGS.items():
+            d.setdefault(key, value)
+    return d
+
+
 def logged_runs(log: Path, committed: Path, *, trained: bool) -> list[dict[str, Any]]:
     """The runs of an analysis script: its JSON-lines `log`, else the gzipped copy `committed`.
 
@@ -580,6 +608,7 @@ def logged_runs(log: Path, committed: Path, *, trained: bool) -> list[dict[str, 
 
 __all__ = [
     "logged_runs",
+    "upgrade_config",
     "OPTIMIZER_NAMES",
     "PRESETS",
     "IMAGE_TASKS",

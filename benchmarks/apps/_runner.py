@@ -172,7 +172,8 @@ def make_stepper(cfg: RunConfig, res: Resolved, task: Task) -> tuple[Stepper, to
         opt = _peer_optimizer(cfg.optimizer, params, res)
     else:
         opt = make_snopt(model, params, res, alpha=cfg.snopt_alpha, power=cfg.snopt_power,
-                         factor_decay=cfg.snopt_factor_decay, custom_base=bool(others))
+                         factor_decay=cfg.snopt_factor_decay,
+                         refresh_guard=cfg.snopt_refresh_guard, custom_base=bool(others))
     mc = opt if isinstance(opt, SNOpt) and res.snopt_fisher == "mc" else None  # Monte-Carlo Fisher statistics
     if mc is not None and task.metric != "accuracy":
         raise ValueError(f"snopt_fisher='mc' needs a classification task (labels sampled from the softmax); "
@@ -225,7 +226,8 @@ def _peer_optimizer(name: str, params: list[nn.Parameter], res: Resolved) -> tor
 
 
 def make_snopt(model: nn.Module, params: list[nn.Parameter], res: Resolved, *, alpha: float | None = None,
-               power: float | None = None, factor_decay: float | None = None, custom_base: bool = False) -> SNOpt:
+               power: float | None = None, factor_decay: float | None = None,
+               refresh_guard: float | None = None, custom_base: bool = False) -> SNOpt:
     """`SNOpt` with the run's settings; every setting the run leaves unset is the library's default.
 
     The base is SGD over `params` with the run's rate, momentum and weight decay when any of
@@ -239,6 +241,7 @@ def make_snopt(model: nn.Module, params: list[nn.Parameter], res: Resolved, *, a
         alpha: The second-moment decay (None: the default).
         power: The scaling exponent (None: the default).
         factor_decay: The factors' running average (None: the default).
+        refresh_guard: The refresh guard (None: the default; 0: off).
         custom_base: Build the SGD base even when nothing about it is set.
 
     Returns:
@@ -246,7 +249,8 @@ def make_snopt(model: nn.Module, params: list[nn.Parameter], res: Resolved, *, a
     """
     kw: dict[str, Any] = {}
     for key, value in (("eps", res.snopt_eps), ("update_freq", res.snopt_freq), ("alpha", alpha), ("power", power),
-                       ("factor_decay", factor_decay), ("kl_clip_scope", res.snopt_kl_clip_scope)):
+                       ("factor_decay", factor_decay), ("refresh_guard", refresh_guard),
+                       ("kl_clip_scope", res.snopt_kl_clip_scope)):
         if value is not None:
             kw[key] = value
     if res.snopt_kl_clip is not None:
@@ -505,6 +509,8 @@ def _train(cfg: RunConfig, *, quiet: bool, checkpoint: Path | None, checkpoint_e
                      if snopt_opt is not None and snopt_opt.recovery is not None else None),
         "resumed_at": resumed,
         "stopped_at_targets": stopped,
+        # layer-refreshes `refresh_guard` refused (a collapsed empirical Fisher); None for other optimizers
+        "refused_refreshes": snopt_opt.refused_refreshes if snopt_opt is not None else None,
     }
     if diverged is None:  # a diverged model's field may no longer be solvable at the evaluation tolerance
         result.update(task.final_outputs())
