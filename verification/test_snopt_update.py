@@ -128,21 +128,26 @@ class DenseEKFAC:
 
 def snopt_steps(name: str, *, alpha: float, eps: float, steps: int, lr: float = 1.0, update_freq: int = 2,
                 kl_clip: float | None = None, mutate: str | None = None, momentum: float = 0.0,
-                weight_decay: float = 0.0, scope: str = "increment", power: float = 1.0) -> dict[str, list[float]]:
+                weight_decay: float = 0.0, scope: str = "increment", power: float = 1.0,
+                refresh_guard: float | None = 0.1, counts: dict[str, int] | None = None) -> dict[str, list[float]]:
     """Per layer, the relative error of −Δθ/lr of `steps` SNOpt steps over SGD(lr, momentum, wd) vs the dense step.
 
     The dense step of a layer is its velocity v ← μ·v + (ν_inc·u + wd·θ), θ ← θ − lr·v (SGD's momentum, its
     weight decay added to the gradient first). With `kl_clip` and ``scope="increment"``, ν_inc = min(1,
     √(kl_clip / Σ lr²⟨u, ∇W⟩)) scales every layer's u; with ``scope="step"``, ν_inc = 1 and the whole step
     Δθ = −lr·v is scaled after it is made, v with it: ν = min(1, √(kl_clip / Σ ΔθᵀF̃Δθ)), F̃ = Q diag(m2 + eps) Qᵀ
-    the dense preconditioner after this step's m2 update.
+    the dense preconditioner after this step's m2 update. A refresh whose tr(A)·tr(G) is below `refresh_guard` ×
+    that of the layer's reference in use is refused (the reference is kept), and the refusals are counted as
+    SNOpt counts them.
     """
     make, shape = MODELS[name]
     model = make()
     x, y = _data(shape)
     opt = snopt.SNOpt(model, torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay),
-                      eps=eps, alpha=alpha, update_freq=update_freq, kl_clip=kl_clip, kl_clip_scope=scope, power=power)
+                      eps=eps, alpha=alpha, update_freq=update_freq, kl_clip=kl_clip, kl_clip_scope=scope, power=power,
+                      refresh_guard=refresh_guard)
     refs: dict[str, DenseEKFAC] = {}
+    refused = 0
     errs: dict[str, list[float]] = {layer.name: [] for layer in opt.layers}
     velocity: dict[str, Tensor] = {}
     for k in range(steps):
@@ -151,7 +156,11 @@ def snopt_steps(name: str, *, alpha: float, eps: float, steps: int, lr: float = 
         if k % update_freq == 0:  # a collection iteration: read the factors before `step` consumes them
             for layer in opt.layers:
                 f = layer.collector.kron_factors()[layer.name]
-                if mutate != "stale-basis" or layer.name not in refs:
+                old = refs.get(layer.name)
+                if (refresh_guard and old is not None
+                        and float(f.A.trace() * f.G.trace()) < refresh_guard * float(old.A.trace() * old.G.trace())):
+                    refused += 1
+                elif mutate != "stale-basis" or old is None:
                     refs[layer.name] = DenseEKFAC(f.A.clone(), f.G.clone())
         before = {layer.name: weight_matrix(layer.module) for layer in opt.layers}
         grads = {layer.name: grad_matrix(layer.module).clone() for layer in opt.layers}
@@ -189,6 +198,9 @@ def snopt_steps(name: str, *, alpha: float, eps: float, steps: int, lr: float = 
         for layer in opt.layers:
             errs[layer.name].append(rel_err((before[layer.name] - weight_matrix(layer.module)) / lr,
                                             steps_taken[layer.name]))
+    assert opt.refused_refreshes == refused
+    if counts is not None:
+        counts["refused"] = refused
     return errs
 
 
@@ -231,6 +243,17 @@ def test_kl_clip_scales_every_layer_by_the_trust_region_factor(name: str, kl_cli
     # The trust region: all preconditioned layers share one factor ν = min(1, √(kl_clip / Σ lr²⟨u, ∇W⟩)).
     # 1e-6 and 1e-3 clip at lr = 0.1 on these models (ν ≈ 0.003–0.1); 1e6 never does (ν = 1).
     errs = snopt_steps(name, alpha=0.75, eps=0.05, steps=3, lr=0.1, kl_clip=kl_clip)
+    assert max(max(e) for e in errs.values()) < TOL, errs
+
+
+@pytest.mark.parametrize("refresh_guard", [0.1, None])
+def test_a_collapsed_refresh_is_refused_as_the_dense_reference_says(refresh_guard: float | None) -> None:
+    # Unclipped steps at lr 0.1 move the conv model's head so far that its next factors' tr(A)·tr(G) falls
+    # below 0.1× the first refresh's: with the guard the head keeps its old basis and m2, without it takes the new.
+    counts: dict[str, int] = {}
+    errs = snopt_steps("conv", alpha=0.75, eps=0.05, steps=3, lr=0.1, kl_clip=1e6, refresh_guard=refresh_guard,
+                       counts=counts)
+    assert counts["refused"] == (1 if refresh_guard else 0)
     assert max(max(e) for e in errs.values()) < TOL, errs
 
 
