@@ -162,7 +162,8 @@ def main(argv: Iterable[str] | None = None) -> int:
     if args.from_log:
         records = read_log(args.log) or read_log(args.out / (args.log.name + ".gz"))
     else:
-        records = train_missing([c for _, c in pairs], args.log, jobs=args.jobs)
+        records = train_missing([c for _, c in pairs], args.log, jobs=args.jobs,
+                                committed=args.out / (args.log.name + ".gz"))
         compress_log(args.log, args.out)
     per_app: dict[str, dict[str, SettingStats]] = {}
     lost: dict[str, dict[str, int]] = {}

@@ -21,7 +21,9 @@ Protocol (fixed before any SNOpt run was looked at; the same for every applicati
   worst-seed time; the headline ratio is SNOpt's worst-seed time ÷ that.
 
 Every finished run is appended to ``<log-dir>/<app>_runs.jsonl`` (gzipped into ``results/`` at the
-end), so an interrupted benchmark keeps its runs and the same command continues it. Each
+end), so an interrupted benchmark keeps its runs and the same command continues it; a fresh clone,
+which has no log yet, starts each log from the committed ``results/<app>_runs.jsonl.gz`` (``--fresh``
+retrains everything instead, e.g. to measure on another machine). Each
 application ends in ``results/<app>.md`` (its table) and ``results/<app>.png`` (its curves);
 ``results/applications.md`` is the summary the README shows.
 """
@@ -133,7 +135,8 @@ def _train_one(cfg_dict: dict[str, Any]) -> dict[str, Any]:
     return run(RunConfig.from_dict(cfg_dict), quiet=True)
 
 
-def train_missing(cfgs: Sequence[RunConfig], log: Path, *, jobs: int, echo: bool = True) -> list[dict[str, Any]]:
+def train_missing(cfgs: Sequence[RunConfig], log: Path, *, jobs: int, echo: bool = True,
+                  committed: Path | None = None) -> list[dict[str, Any]]:
     """Train the configurations the log does not hold yet, `jobs` at a time; append each to the log as it ends.
 
     Args:
@@ -141,10 +144,18 @@ def train_missing(cfgs: Sequence[RunConfig], log: Path, *, jobs: int, echo: bool
         log: The application's log (``.jsonl``).
         jobs: Runs at a time (each in its own process).
         echo: Print one line per finished run.
+        committed: The committed copy of the log (``results/<name>.jsonl.gz``): where `log` does not exist
+            yet (a fresh clone), it starts from these runs instead of retraining them.
 
     Returns:
         The records of `cfgs`, from the log and the new runs, in `cfgs`' order.
     """
+    if committed is not None and committed.exists() and not log.exists():
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with gzip.open(committed, "rb") as src:
+            log.write_bytes(src.read())
+        if echo:
+            print(f"  {log.name}: continuing from the {len(read_log(log))} committed runs in {committed}", flush=True)
     have = {_key(r["config"]): r for r in read_log(log)}
     todo = [c for c in cfgs if _key(c.to_dict()) not in have]
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -483,6 +494,9 @@ def main(argv: Iterable[str] | None = None) -> int:
                    help="where the growing logs live (default benchmarks/logs, not committed)")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--from-log", action="store_true", help="no training: tables and plots from the logs")
+    p.add_argument("--fresh", action="store_true",
+                   help="where a log does not exist yet, retrain every run instead of continuing from the committed "
+                        "ones in --out (a fresh clone continues from them by default)")
     p.add_argument("--iterations", type=int, default=None, help="override (quick checks only)")
     p.add_argument("--device", default="cpu")
     args = p.parse_args(list(sys.argv[1:] if argv is None else argv))
@@ -501,7 +515,8 @@ def main(argv: Iterable[str] | None = None) -> int:
             per_app[app] = [r for r in logged if _key(r["config"]) in want]
         else:
             print(f"== {app}: {len(cfgs)} runs", flush=True)
-            per_app[app] = train_missing(cfgs, log, jobs=args.jobs)
+            per_app[app] = train_missing(cfgs, log, jobs=args.jobs,
+                                         committed=None if args.fresh else args.out / f"{app}_runs.jsonl.gz")
             compress_log(log, args.out)
         if not per_app[app]:
             print(f"{app}: no runs logged", file=sys.stderr)

@@ -116,6 +116,20 @@ def test_train_missing_trains_only_what_the_log_lacks(tmp_path: Path, monkeypatc
     assert trained == ["adam"]  # the logged SNOpt run is read back, not retrained
     assert [r["config"]["optimizer"] for r in recs] == ["snopt", "adam"]
     assert len(ra.read_log(log)) == 2
+    # a fresh clone: no log yet, the committed copy holds both runs -> nothing is trained, the log starts from it
+    committed = ra.compress_log(log, tmp_path / "results")
+    fresh_log = tmp_path / "fresh" / "digits_runs.jsonl"
+    trained.clear()
+    recs = ra.train_missing(cfgs, fresh_log, jobs=1, echo=False, committed=committed)
+    assert trained == [] and len(ra.read_log(fresh_log)) == 2
+    assert [r["config"]["optimizer"] for r in recs] == ["snopt", "adam"]
+    # an existing log is never overwritten by the committed copy
+    trained.clear()
+    other = tmp_path / "other" / "digits_runs.jsonl"
+    other.parent.mkdir()
+    other.write_text(json.dumps(done) + "\n")
+    ra.train_missing(cfgs, other, jobs=1, echo=False, committed=committed)
+    assert trained == ["adam"]
 
 
 def test_a_tiny_benchmark_writes_its_table_plot_and_summary(tmp_path: Path) -> None:
