@@ -62,3 +62,21 @@ def test_plot_comparison_sets_the_scales(tmp_path: Path, monkeypatch: pytest.Mon
     out = plot_comparison(runs, tmp_path / "p.png")
     assert out == [tmp_path / "p.png"] and out[0].stat().st_size > 0
     assert scales == expected
+
+
+def test_a_peer_at_its_own_defaults_is_labelled_without_a_learning_rate(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    # SOAP and PSGD-Kron run at their defaults: no learning rate is resolved (the demo's curves crashed on it)
+    labels: list[str] = []
+    original = Axes.plot
+
+    def spy(self: Axes, *args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("label"):
+            labels.append(kwargs["label"])
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Axes, "plot", spy)
+    soap = _record("soap", "accuracy", [0.1, 0.5, 0.9])
+    soap["resolved"]["lr"] = None
+    plot_comparison([_record("snopt", "accuracy", [0.1, 0.6, 0.9]), soap], tmp_path / "p.png")
+    assert "snopt (lr 0.1)" in labels and "soap (its defaults)" in labels

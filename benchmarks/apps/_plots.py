@@ -74,7 +74,8 @@ def plot_comparison(runs: Sequence[dict[str, Any]], path: str | Path, *, title: 
     for r in runs:
         name = r["config"]["optimizer"]
         color = COLORS.get(name, "black")
-        label = f"{name} (lr {r['resolved']['lr']:g})" if name not in seen else None
+        lr = r["resolved"]["lr"]  # None for the peers at their own defaults (SOAP, PSGD-Kron)
+        label = (f"{name} (lr {lr:g})" if lr is not None else f"{name} (its defaults)") if name not in seen else None
         seen.add(name)
         ev, hist = r["evals"], r["history"]
         kw: dict[str, Any] = {"color": color, "alpha": 0.8, "lw": 1.3, "label": label}
