@@ -155,7 +155,7 @@ def train_missing(cfgs: Sequence[RunConfig], log: Path, *, jobs: int, echo: bool
         with gzip.open(committed, "rb") as src:
             log.write_bytes(src.read())
         if echo:
-            print(f"  {log.name}: continuing from the {len(read_log(log))} committed runs in {committed}", flush=True)
+            print(f"  {log.name}: continuing from the runs committed in {committed}", flush=True)
     have = {_key(r["config"]): r for r in read_log(log)}
     todo = [c for c in cfgs if _key(c.to_dict()) not in have]
     log.parent.mkdir(parents=True, exist_ok=True)

@@ -85,7 +85,7 @@ class SNOpt(torch.optim.Optimizer):
             `refused_refreshes`. The empirical Fisher of a batch the model already fits is ≈ 0;
             installed, it leaves eps alone to bound the step, and the next batches' loss jumps
             (measured on digits: a refresh with ratio 0.006–0.04 was followed by a loss of 3–61 from
-            ≤ 0.004; ordinary refreshes have ratios ≥ 0.14; ``benchmarks/results/defaults.md``).
+            ≤ 0.004; ordinary refreshes have ratios ≥ 0.14; ``benchmarks/results/defaults_side_by_side.md``).
             Compared with the layer's last *installed* curvature, so a run of fitted batches is
             refused throughout (the old, larger curvature gives the smaller step; m2 keeps tracking
             the gradients every step). None or 0: off (every refresh installed, as the paper).
@@ -261,18 +261,17 @@ class SNOpt(torch.optim.Optimizer):
         """
         accept = [f is not None and b is not None for f, b in zip(factors, bases, strict=True)]
         if self.refresh_guard > 0.0:
-            checked = [i for i, (layer, b) in enumerate(zip(self.layers, bases, strict=True))
-                       if accept[i] and b is not None and "lam_A" in self.state.get(layer.weight, {})]
-            if checked:
-                flags = []
-                for i in checked:
-                    st, b = self.state[self.layers[i].weight], bases[i]
-                    assert b is not None
+            checked: list[tuple[int, Tensor]] = []  # (layer index, new curvature ≥ guard × installed one)
+            for i, (layer, b) in enumerate(zip(self.layers, bases, strict=True)):
+                st = self.state.get(layer.weight, {})
+                if b is not None and accept[i] and "lam_A" in st:
                     ok = b.lam_A.sum() * b.lam_G.sum() >= self.refresh_guard * (st["lam_A"].sum() * st["lam_G"].sum())
-                    flags.append(ok.reshape(1).to(bases[checked[0]].lam_A.device))  # type: ignore[union-attr]
-                keep = torch.cat(flags).tolist()  # one host sync for all layers
-                for i, ok in zip(checked, keep, strict=True):
-                    if not ok:
+                    checked.append((i, ok.reshape(1)))
+            if checked:
+                device = checked[0][1].device
+                keep = torch.cat([ok.to(device) for _, ok in checked]).tolist()  # one host sync for all layers
+                for (i, _), kept in zip(checked, keep, strict=True):
+                    if not kept:
                         accept[i] = False
                         self.refused_refreshes += 1
         for layer, f, basis, m2, bs, ok in zip(self.layers, factors, bases, init_second_moments(bases),
