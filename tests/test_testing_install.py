@@ -7,7 +7,8 @@ path is not a site directory, so this environment's editable snopt (a .pth finde
 activated there, and the user's test asserts that the snopt it imports is the one installed in
 the fresh venv. The user's test file lives outside the repository and uses only `snopt.testing`
 and snopt's public API: it must pass on a correct hand-written Hessian (exit 0) and fail, naming
-the block, on one with a planted 1e-5 relative error (exit 1).
+the block, on one with a planted 1e-5 relative error (exit 1). One more user test uses the pytest
+plugin's fixtures and marker, which only exist if the installed entry point (``pytest11``) loads.
 """
 
 import importlib.metadata
@@ -31,10 +32,11 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 import snopt
-from snopt.testing import ClosedFormReference, LinearField, assert_memory_flat, assert_second_order_close
+from snopt.testing import ClosedFormReference, LinearField, MLPField, assert_memory_flat, assert_second_order_close
 
 PLANT = float(os.environ.get("PLANT", "0"))
 
@@ -84,6 +86,13 @@ def test_snopt_matches_closed_form_and_memory_is_flat():
     assert_memory_flat(lambda n: loss_fn(snopt.odeint(field, x, t_span, method="rk4",
                                                        options={"step_size": float(t_span[1]) / n})[-1]),
                        steps=(10, 100))
+
+
+@pytest.mark.snopt_float64
+def test_plugin_from_the_installed_entry_point(snopt_check, snopt_seed):
+    report = snopt_check.second_order(MLPField(2, 3, "tanh", True, torch.get_default_dtype()), torch.randn(2),
+                                      torch.tensor([0.0, 0.5]), lambda x: (x ** 2).sum(), step_size=1 / 16)
+    assert report.ok and torch.get_default_dtype() == torch.float64
 '''
 
 
@@ -131,13 +140,13 @@ def _user_pytest(fresh: tuple[Path, dict[str, str]], tmp_path: Path, plant: str)
 def test_user_ci_passes_on_correct_hessian(fresh_python: tuple[Path, dict[str, str]], tmp_path: Path) -> None:
     proc = _user_pytest(fresh_python, tmp_path, "0")
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    assert "3 passed" in proc.stdout
+    assert "4 passed" in proc.stdout
 
 
 def test_user_ci_catches_planted_error(fresh_python: tuple[Path, dict[str, str]], tmp_path: Path) -> None:
     proc = _user_pytest(fresh_python, tmp_path, "1e-5")
     assert proc.returncode == 1, proc.stdout[-4000:] + proc.stderr[-2000:]
     out = proc.stdout
-    assert "1 failed, 2 passed" in out, out[-4000:]
+    assert "1 failed, 3 passed" in out, out[-4000:]
     assert "second_order: 1 of 4 blocks differ from the reference" in out, out[-4000:]
     assert "hess_params (1, 1): relative error 1.000e-05" in out, out[-4000:]

@@ -13,6 +13,12 @@ second-order code, against derivatives that are exact by construction:
 * **Assertions.** `assert_close` and the block-wise `assert_second_order_close` compare norm-wise
   and report the block, the relative error, the tolerance and its source, and the worst entries.
   `default_tolerance` is the policy (√eps of the dtype, or 1e4 × an adaptive solver's rtol).
+* **Your field.** `SnoptCheck`: snopt's second-order adjoints (`second_order`, `hvp`, `ggn_vp`) for
+  *your* vector field against `GridReference` at steps h and h/2: each block must be within rtol
+  and shrink at the method's order (a missing term does not shrink), with a `ConvergenceReport`.
+* **pytest plugin** (`snopt.testing.pytest_plugin`, loaded automatically; ``-p no:snopt``): the
+  ``snopt_check`` and ``snopt_seed`` fixtures, the ``snopt_float64`` marker, the hypothesis
+  profiles ``snopt-ci`` / ``snopt-thorough`` and a report header with the versions.
 * **Memory.** `saved_tensor_bytes` and `assert_memory_flat` count the bytes autograd saves for
   backward, which an O(1)-memory adjoint keeps flat in the number of solver steps.
 * **Problems.** Seeded specs of small fields and losses (`SecondOrderProblem`, `OdeintProblem`, ...);
@@ -31,6 +37,7 @@ Example:
 import importlib
 from types import ModuleType
 
+from snopt.testing._check import BlockConvergence, ConvergenceReport, SnoptCheck
 from snopt.testing._compare import (
     SECOND_ORDER_BLOCKS,
     SOLVER_FACTOR,
@@ -79,6 +86,10 @@ __all__ = [
     "ClosedFormReference",
     "GridReference",
     "GRID_METHODS",
+    # does snopt give your field exact curvature? (also the pytest plugin's snopt_check fixture)
+    "BlockConvergence",
+    "ConvergenceReport",
+    "SnoptCheck",
     "LinearField",
     "backprop_grads",
     "backprop_hessian",
