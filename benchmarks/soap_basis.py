@@ -38,7 +38,7 @@ import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 import benchmarks.apps._runner as runner  # noqa: E402
-from benchmarks.apps._common import RunConfig, logged_runs  # noqa: E402
+from benchmarks.apps._common import RunConfig, continue_log, logged_runs  # noqa: E402
 from snopt import SNOpt  # noqa: E402
 from snopt.curvature import KronFactors, weight_grad_matrix  # noqa: E402
 
@@ -157,13 +157,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--apps", nargs="+", default=list(APPS), choices=list(APPS))
     ap.add_argument("--seeds", type=int, nargs="+", default=[100, 101])
     ap.add_argument("--from-log", action="store_true")
+    ap.add_argument("--fresh", action="store_true", help="retrain the runs the log (or the committed copy) holds")
     args = ap.parse_args(argv)
     runner.quiet_warnings()
     if not args.from_log:
-        LOG.parent.mkdir(parents=True, exist_ok=True)
+        done = continue_log(LOG, RUNS, lambda r: (r["app"], r["variant"], r["seed"]), fresh=args.fresh)
         for app in args.apps:
             for seed in args.seeds:
                 for variant in ("kfac", "gradient"):
+                    if (app, variant, seed) in done:
+                        continue
                     row = one_run(app, variant, seed)
                     print(json.dumps({k: v for k, v in row.items() if k != "machine"}), flush=True)
                     with LOG.open("a") as fh:

@@ -22,6 +22,7 @@ Only the field's parameters enter S and ∇L here (the stem and head do not chan
 The table compares the optimizers **at the same training loss** (the first probe whose evaluated
 training loss is at or below each level), which separates "stiffer because the loss is lower"
 from "stiffer because of the direction of the steps". Runs go to ``benchmarks/logs/stiffness_runs.jsonl``
+(a fresh clone continues from the committed runs: only missing ones train; ``--fresh`` retrains)
 (gzipped into ``results/stiffness_runs.jsonl.gz``)
 and the table to ``benchmarks/results/stiffness.md``.
 """
@@ -47,7 +48,7 @@ from torch import Tensor, nn  # noqa: E402
 from torch.func import functional_call, jacrev, vmap  # noqa: E402
 from torchdiffeq import odeint  # noqa: E402
 
-from benchmarks.apps._common import RunConfig, logged_runs, machine_info, resolve  # noqa: E402
+from benchmarks.apps._common import RunConfig, continue_log, logged_runs, machine_info, resolve  # noqa: E402
 from benchmarks.apps._digits import ImageTask  # noqa: E402
 from benchmarks.apps._runner import make_stepper, make_task, task_defaults  # noqa: E402
 from snopt.nn import ODEBlock  # noqa: E402
@@ -259,6 +260,10 @@ def table(runs: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _run_key(run: Mapping[str, Any]) -> tuple[Any, ...]:
+    return run["task"], run["setting"], run["seed"], run["probe_every"], run["probe_size"]
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Command line: see the module docstring."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -270,11 +275,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--probe-size", type=int, default=32)
     ap.add_argument("--iterations", type=int, default=None, help="training iterations (default: the preset's)")
     ap.add_argument("--from-log", action="store_true", help="only rewrite the table from the log")
+    ap.add_argument("--fresh", action="store_true", help="retrain the runs the log (or the committed copy) holds")
     args = ap.parse_args(argv)
     if not args.from_log:
-        LOG.parent.mkdir(parents=True, exist_ok=True)
+        done = continue_log(LOG, RUNS, _run_key, fresh=args.fresh)
         for seed in args.seeds:
             for s in args.optimizers:
+                if (args.task, s, seed, args.probe_every, args.probe_size) in done:
+                    continue
                 run = train(args.task, s, seed, args.probe_every, args.probe_size, args.iterations)
                 with LOG.open("a") as fh:
                     fh.write(json.dumps(run) + "\n")

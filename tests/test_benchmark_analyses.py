@@ -1,6 +1,7 @@
 """The measurements behind #35's analyses: the field Jacobian of benchmarks/stiffness.py and SOAP's basis in
 benchmarks/soap_basis.py, each against an independent dense computation."""
 
+import gzip
 import json
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmarks.apps._common import logged_runs
+from benchmarks.apps._common import continue_log, logged_runs
 from benchmarks.apps._digits import ConvODEFunc
 from benchmarks.soap_basis import GradientBasisSNOpt
 from benchmarks.stiffness import at_level, jacobians, parse_setting
@@ -83,3 +84,16 @@ def test_logged_runs_commit_the_log_and_read_it_back_without_it(tmp_path: Path) 
     assert logged_runs(log, committed, trained=True) == [{"a": 1}, {"a": 2}]
     log.unlink()
     assert logged_runs(log, committed, trained=False) == [{"a": 1}, {"a": 2}]
+
+
+def test_a_fresh_clone_continues_from_the_committed_runs_and_loses_none(tmp_path: Path) -> None:
+    log, committed = tmp_path / "logs" / "runs.jsonl", tmp_path / "runs.jsonl.gz"
+    key = lambda r: (r["a"],)  # noqa: E731
+    assert continue_log(log, committed, key) == set() and not log.exists()
+    committed.write_bytes(gzip.compress((json.dumps({"a": 1}) + "\n").encode()))
+    assert continue_log(log, committed, key) == {(1,)}  # a fresh clone: the committed run is not retrained
+    with log.open("a") as fh:
+        fh.write(json.dumps({"a": 2}) + "\n")
+    assert logged_runs(log, committed, trained=True) == [{"a": 1}, {"a": 2}]  # the commit keeps the old run
+    assert continue_log(log, committed, key) == {(1,), (2,)}  # an existing log is continued, not reseeded
+    assert continue_log(log, committed, key, fresh=True) == set() and log.read_text() == ""

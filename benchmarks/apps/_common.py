@@ -16,7 +16,7 @@ import resource
 import subprocess
 import sys
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -582,6 +582,30 @@ def upgrade_config(d: dict[str, Any]) -> dict[str, Any]:
     return d
 
 
+def continue_log(log: Path, committed: Path, key: Callable[[dict[str, Any]], tuple[Any, ...]], *,
+                 fresh: bool = False) -> set[tuple[Any, ...]]:
+    """Where an analysis script's working `log` does not exist yet (a fresh clone), start it from `committed`.
+
+    Args:
+        log: The working log (``benchmarks/logs/...jsonl``).
+        committed: Its gzipped copy in ``benchmarks/results``.
+        key: What identifies a run in a record (the script skips runs whose key the log holds).
+        fresh: Retrain everything: empty the log instead of continuing it.
+
+    Returns:
+        The keys of the runs the log holds.
+    """
+    log.parent.mkdir(parents=True, exist_ok=True)
+    if fresh:
+        log.write_text("")
+    elif not log.exists() and committed.exists():
+        log.write_bytes(gzip.decompress(committed.read_bytes()))
+        print(f"  {log.name}: continuing from the runs committed in {committed}", flush=True)
+    if not log.exists():
+        return set()
+    return {key(json.loads(line)) for line in log.read_text().splitlines() if line.strip()}
+
+
 def logged_runs(log: Path, committed: Path, *, trained: bool) -> list[dict[str, Any]]:
     """The runs of an analysis script: its JSON-lines `log`, else the gzipped copy `committed`.
 
@@ -607,6 +631,7 @@ def logged_runs(log: Path, committed: Path, *, trained: bool) -> list[dict[str, 
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 __all__ = [
+    "continue_log",
     "logged_runs",
     "upgrade_config",
     "OPTIMIZER_NAMES",
