@@ -22,9 +22,8 @@ Only the field's parameters enter S and ∇L here (the stem and head do not chan
 The table compares the optimizers **at the same training loss** (the first probe whose evaluated
 training loss is at or below each level), which separates "stiffer because the loss is lower"
 from "stiffer because of the direction of the steps". Runs go to ``benchmarks/logs/stiffness_runs.jsonl``
-(a fresh clone continues from the committed runs: only missing ones train; ``--fresh`` retrains)
-(gzipped into ``results/stiffness_runs.jsonl.gz``)
-and the table to ``benchmarks/results/stiffness.md``.
+(gzipped into ``results/stiffness_runs.jsonl.gz``) and the table to ``benchmarks/results/stiffness.md``;
+a fresh clone continues from the committed runs (only missing ones train; ``--fresh`` retrains).
 """
 
 import argparse
