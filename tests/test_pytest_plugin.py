@@ -71,10 +71,10 @@ def test_an_error_of_rk4_order_passes_and_a_large_one_fails_on_rtol(monkeypatch:
     report = SnoptCheck().second_order(field, x0, SPAN, loss_fn, step_size=STEP)
     (hess,) = [b for b in report.blocks if b.name == "hess_params"]
     assert hess.ok and hess.ratio == pytest.approx(16, rel=1e-6)
-    planted(monkeypatch, lambda h: 1e3 * h ** 4)  # converges, but 6e-4 on the finer grid
+    planted(monkeypatch, lambda h: 1e4 * h ** 4)  # converges, but 9.5e-3 on the finer grid
     report = SnoptCheck(raise_on_failure=False).second_order(field, x0, SPAN, loss_fn, step_size=STEP)
     assert report.failed == ["hess_params"]
-    assert "FAILS: above rtol 1e-06" in str(report)
+    assert "FAILS: above rtol 1e-04" in str(report)
 
 
 def test_float32_counts_round_off_as_converged() -> None:
@@ -172,7 +172,7 @@ def test_header_profiles_and_opt_out_in_a_subprocess(pytester: pytest.Pytester) 
             assert settings.default.max_examples == 8 and settings.default.derandomize
 
         def test_uses_fixture(snopt_check):
-            assert snopt_check.rtol == 1e-6
+            assert snopt_check.rtol == 1e-4
     '''))
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--hypothesis-profile", "snopt-ci")
     result.assert_outcomes(passed=2)

@@ -26,7 +26,7 @@ from torch import Tensor
 from torch.func import hessian, jacrev
 
 from snopt.adjoint import _hvp, _second_order
-from snopt.testing import SecondOrderProblem
+from snopt.testing import SecondOrderProblem, SnoptCheck
 from verification.test_second_order import (
     TIGHT,
     TOL_CLOSED_FORM,
@@ -130,3 +130,20 @@ def test_unmutated_code_passes_the_same_checks(reference: str) -> None:
     else:
         errs, tol = closed_form_errors(LINEAR, TIGHT), TOL_CLOSED_FORM
     assert max(v for k, v in errs.items() if not k.startswith(("grad_t1", "hess_t1"))) <= tol, errs
+
+
+@pytest.mark.parametrize(("target", "factory", "drop", "part", "keys"), MUTANTS)
+def test_mutant_fails_the_users_convergence_check(monkeypatch: pytest.MonkeyPatch, target: type, factory: Any,
+                                                  drop: str, part: str, keys: tuple[str, ...]) -> None:
+    """`SnoptCheck` (the plugin's ``snopt_check``) fails every mutant on the blocks the term feeds."""
+    monkeypatch.setattr(target, "__call__", factory(target.__call__, drop))
+    func, x0, t_span, loss_fn = MLP.build()
+    check = SnoptCheck(raise_on_failure=False)
+    if part == "second_order":
+        report = check.second_order(func, x0, t_span, loss_fn, step_size=1 / 64)
+    else:
+        report = check.products(func, x0, t_span, loss_fn, step_size=1 / 64)
+    assert set(keys) <= set(report.failed), str(report)
+    monkeypatch.undo()
+    assert (SnoptCheck().second_order if part == "second_order" else SnoptCheck().products)(
+        func, x0, t_span, loss_fn, step_size=1 / 64).ok

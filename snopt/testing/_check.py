@@ -121,7 +121,10 @@ class SnoptCheck:
     (n + p + 1)²: for small instances of your model (a few hundred parameters, a batch of 2).
 
     Args:
-        rtol: Largest relative error allowed on the finer grid.
+        rtol: Largest relative error allowed on the finer grid. The order test is the sharp one: an
+            error that does not converge can be at most about the finer grid's error, and a dropped
+            adjoint term gives 1e-1–1. The default 1e-4 leaves room for rk4's truncation at h/2 =
+            1/32 (measured up to 2.7e-5 on ∂L/∂t1 of a conv field, 4e-6 on an affine one).
         raise_on_failure: Raise AssertionError on a failed block (default) or only return the report.
 
     Example:
@@ -134,7 +137,7 @@ class SnoptCheck:
         True
     """
 
-    def __init__(self, *, rtol: float = 1e-6, raise_on_failure: bool = True) -> None:
+    def __init__(self, *, rtol: float = 1e-4, raise_on_failure: bool = True) -> None:
         if not (rtol > 0 and math.isfinite(rtol)):
             raise ValueError(f"`rtol` must be positive and finite; got {rtol}.")
         self.rtol = rtol
