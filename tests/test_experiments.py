@@ -593,3 +593,14 @@ def test_a_run_told_to_stop_at_its_targets_ends_at_the_evaluation_that_shows_bot
     # A target it never reaches: the run trains all its iterations.
     never = train(replace(cfg, target_loss=1e-9), stop_at_targets=True)
     assert never["stopped_at_targets"] is None and never["summary"]["iterations_done"] == 12
+
+
+def test_a_step_that_makes_parameters_non_finite_ends_the_run_as_diverged() -> None:
+    # SGD at an infinite rate: the first step's loss is finite, its parameters are not. The next forward
+    # would raise (the ODE block refuses a non-finite y0) and end the whole benchmark; the run must be
+    # recorded as diverged at the step that did it instead.
+    cfg = RunConfig(task="cnf", optimizer="sgd", lr=math.inf, iterations=3, batch_size=16, eval_every=3,
+                    options={"hidden": 4, "n_train": 50, "n_test": 50})
+    r = train(cfg)
+    assert r["diverged"] == "iteration 1: the step made parameters non-finite", r["diverged"]
+    assert len(r["history"]["iteration"]) == 1 and math.isfinite(r["history"]["loss"][0])

@@ -363,6 +363,12 @@ def train(cfg: RunConfig, *, quiet: bool = True, checkpoint: str | Path | None =
         torch.set_num_threads(threads)
 
 
+def _finite_parameters(model: nn.Module) -> bool:
+    """Whether every parameter is finite (one host sync), checked after each step, outside the timing."""
+    flags = [torch.isfinite(p.detach()).all() for p in model.parameters()]
+    return not flags or bool(torch.stack(flags).all())
+
+
 def _load_checkpoint(path: Path, cfg: RunConfig) -> dict[str, Any]:
     try:
         state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
@@ -465,6 +471,9 @@ def _train(cfg: RunConfig, *, quiet: bool, checkpoint: Path | None, checkpoint_e
             nfe = hist["nfe_forward"][-1] + hist["nfe_backward"][-1]
             if not math.isfinite(loss):
                 diverged = f"iteration {it}: non-finite loss"
+                break
+            if not _finite_parameters(task.model):  # a baseline's step overflowed (SNOpt's recovery undoes such steps)
+                diverged = f"iteration {it}: the step made parameters non-finite"
                 break
             if cfg.nfe_limit is not None and nfe > cfg.nfe_limit * max(1.0, hist["nfe_forward"][0]
                                                                       + hist["nfe_backward"][0]):
