@@ -4,6 +4,7 @@ from snopt import losses, optim
 from snopt.adjoint import (
     AdjointObserver,
     FieldOutputError,
+    NonFiniteStateError,
     SecondOrderResult,
     SolverError,
     SolveStats,
@@ -24,6 +25,7 @@ __all__ = [
     "SNOpt",
     "SecondOrderResult",
     "SolveStats",
+    "NonFiniteStateError",
     "SolverError",
     "__version__",
     "ggn_vp",

@@ -111,14 +111,20 @@ def check_time_grid(t: object, name: str = "t") -> Tensor:
     return t
 
 
+class NonFiniteStateError(ValueError):
+    """The initial state of a solve holds NaN or inf (in training: the layers before an ODE block blew up)."""
+
+
 def check_state(y0: object, name: str = "y0") -> Tensor:
-    """Check that `y0` is a finite floating tensor."""
+    """Check that `y0` is a finite floating tensor (`NonFiniteStateError` if it is not finite)."""
     if not isinstance(y0, Tensor):
         raise TypeError(f"`{name}` must be a torch.Tensor; got {type(y0).__name__}.")
     if not y0.is_floating_point():
         raise TypeError(f"`{name}` must be a floating point tensor; got dtype {y0.dtype}.")
     if not torch._C._are_functorch_transforms_active():  # data-dependent checks cannot run under vmap
-        check_finite(y0, name)
+        with torch.no_grad():
+            if not bool(torch.isfinite(y0).all()):
+                raise NonFiniteStateError(f"`{name}` contains non-finite values (NaN or inf).")
     return y0
 
 

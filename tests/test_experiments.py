@@ -604,3 +604,22 @@ def test_a_step_that_makes_parameters_non_finite_ends_the_run_as_diverged() -> N
     r = train(cfg)
     assert r["diverged"] == "iteration 1: the step made parameters non-finite", r["diverged"]
     assert len(r["history"]["iteration"]) == 1 and math.isfinite(r["history"]["loss"][0])
+
+
+def test_a_blown_up_stem_ends_the_run_as_diverged(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Finite parameters whose stem output overflows reach the ODE block as a non-finite y0.
+    from benchmarks.apps import _runner
+
+    calls = {"n": 0}
+    original = _runner.Stepper.__call__
+
+    def step(self: Any, batch: Any) -> float:
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise snopt.NonFiniteStateError("`y0` contains non-finite values (NaN or inf).")
+        return original(self, batch)
+
+    monkeypatch.setattr(_runner.Stepper, "__call__", step)
+    r = train(RunConfig(task="cnf", optimizer="sgd", iterations=3, batch_size=16, eval_every=3,
+                        options={"hidden": 4, "n_train": 50, "n_test": 50}))
+    assert r["diverged"] == "iteration 2: `y0` contains non-finite values (NaN or inf).", r["diverged"]

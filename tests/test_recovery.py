@@ -189,6 +189,43 @@ def test_a_non_finite_output_or_gradient_is_undone() -> None:
     assert s.step_scale == pytest.approx(0.25 * 1.02 * 0.25)  # one validated step between the two undos
 
 
+class StemNet(Net):
+    """Net whose stem (the layers before the ODE block) blows up at trapped parameters."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem_trap = Trap()
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.stem(x)
+        out: Tensor = self.head(self.block(h * float("inf") if self.stem_trap.fires() else h))
+        return out
+
+
+def test_a_step_that_breaks_the_layers_before_the_block_is_undone() -> None:
+    # The block's y0 is then non-finite: without a pending step that is the user's input error
+    # (NonFiniteStateError, a ValueError); after an SNOpt step it is the step's fault and is undone.
+    model = StemNet()
+    opt = snopt.SNOpt(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), update_freq=2)
+    model.stem_trap.arm(model.stem.weight)
+    with pytest.raises(snopt.NonFiniteStateError, match="`y0` contains non-finite values"):
+        model(X)
+    model.stem_trap.bad.clear()
+    iteration(model, opt)
+    before_p, before_s = params(model), states(opt)
+    iteration(model, opt)
+    model.stem_trap.arm(model.stem.weight)
+    opt.zero_grad()
+    with pytest.warns(StepRejectedWarning, match="undone because a forward ODE solve failed"):
+        out = model(X)
+    assert torch.isfinite(out).all()
+    assert_same(params(model), before_p)
+    assert_same(states(opt), before_s)
+    assert opt.recovery is not None and opt.recovery.stats.forward_failures == 1
+    F.cross_entropy(out, Y).backward()
+    opt.step()  # training goes on from the restored point
+
+
 def test_a_failure_at_parameters_the_user_set_still_raises() -> None:
     model, opt = make()
     model.field.trap.arm(model.field.lin1.weight)  # no step taken yet: nothing to undo

@@ -45,7 +45,7 @@ from benchmarks.apps._common import (
 )
 from benchmarks.apps._digits import ImageTask, image_defaults
 from benchmarks.apps._timeseries import TimeSeriesTask, timeseries_defaults
-from snopt.adjoint._solve import SolverError
+from snopt.adjoint import NonFiniteStateError, SolverError
 from snopt.data import DatasetNotFoundError
 from snopt.nn._ode_block import ODEBlock
 from snopt.optim._newton_cg import NewtonCG
@@ -449,7 +449,7 @@ def _train(cfg: RunConfig, *, quiet: bool, checkpoint: Path | None, checkpoint_e
             w0, c0 = time.perf_counter(), time.process_time()
             try:
                 loss = step(batch)
-            except SolverError as exc:  # a blown-up vector field: the run diverged
+            except (SolverError, NonFiniteStateError) as exc:  # a blown-up field, or layers before it: diverged
                 diverged = f"iteration {it}: {exc}"
                 break
             _sync(device)
@@ -483,7 +483,7 @@ def _train(cfg: RunConfig, *, quiet: bool, checkpoint: Path | None, checkpoint_e
             if it % res.eval_every == 0 or it == res.iterations:
                 try:
                     ev = record_eval(it, wall, cpu)
-                except SolverError as exc:  # the trained field can no longer be solved: diverged
+                except (SolverError, NonFiniteStateError) as exc:  # the trained model can no longer be evaluated
                     diverged = f"evaluation after iteration {it}: {exc}"
                     break
                 if stop_at_targets and it < res.iterations and _targets_reached(evals, res, task.higher_is_better):

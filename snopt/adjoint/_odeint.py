@@ -7,6 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from snopt._checks import (
+    NonFiniteStateError,
     check_method,
     check_state,
     check_time_grid,
@@ -172,7 +173,9 @@ def odeint(func: VectorField, y0: Tensor | tuple[Tensor, ...], t: Tensor, *, rto
 
     Raises:
         TypeError: For a non-tensor or non-floating `y0`/`t`, or `func` returning another dtype.
-        ValueError: For non-monotone or too-short `t`, non-finite `y0`, an unknown method,
+        NonFiniteStateError: (a ValueError) For a non-finite `y0`, unless a `guard` absorbs it (a
+            pending `SNOpt` step broke the layers before the block: the step is undone).
+        ValueError: For non-monotone or too-short `t`, an unknown method,
             bad tolerances, `func` returning another shape, or a feature the method cannot serve
             (an `observer` or a norm with a ``"scipy_solver"`` backward solve).
         NotImplementedError: For an `event_fn`.
@@ -202,14 +205,21 @@ def odeint(func: VectorField, y0: Tensor | tuple[Tensor, ...], t: Tensor, *, rto
 
     params = params_of(func, adjoint_params)
     tuple_shapes: list[torch.Size] | None = None
+    nonfinite: NonFiniteStateError | None = None  # absorbed below like a failed solve if a pending step caused it
+    try:
+        if isinstance(y0, tuple):
+            for i, y in enumerate(y0):
+                check_state(y, f"y0[{i}]")
+        else:
+            check_state(y0)
+    except NonFiniteStateError as err:
+        nonfinite = err
     if isinstance(y0, tuple):
-        for i, y in enumerate(y0):
-            check_state(y, f"y0[{i}]")
         tuple_shapes = [y.shape for y in y0]
         flat_y0 = torch.cat([y.reshape(-1) for y in y0])
         wrapped: VectorField = _TupleField(func, tuple_shapes)
     else:
-        flat_y0 = check_state(y0)
+        flat_y0 = y0
         wrapped = func
     for i, p in enumerate(params):
         if p.dtype != flat_y0.dtype:
@@ -227,6 +237,8 @@ def odeint(func: VectorField, y0: Tensor | tuple[Tensor, ...], t: Tensor, *, rto
         adjoint_atol=check_tolerance("adjoint_atol", adjoint_atol, atol_), adjoint_options=adj_opts,
         adjoint_norm=adjoint_norm_, observer=observer, stats=stats,
         adaptive_backward=method_kind(adjoint_method) == "adaptive", guard=guard)
+    if nonfinite is not None and (guard is None or not guard.forward_failed(SolverError(str(nonfinite)))):
+        raise nonfinite
     if guard is not None and guard.tripped:
         ys = _placeholder(flat_y0, t)  # this forward pass is rerun once the step that broke it is undone
     else:

@@ -4,8 +4,9 @@ A step is *pending* from the moment `SNOpt.step` takes it until the next `step` 
 gradients (the forward and backward passes at the new parameters worked). While a step is
 pending, a failure that those parameters cause is the step's fault, and `StepRecovery` undoes it:
 
-* the forward solve of an `ODEBlock` raises `SolverError` (the block's `guard` absorbs it: the
-  solve returns a placeholder, later solves of the same pass are skipped), or the model's output
+* the forward solve of an `ODEBlock` raises `SolverError` or its initial state is not finite (the
+  layers before it blew up; the block's `guard` absorbs either: the solve returns a placeholder,
+  later solves of the same pass are skipped), or the model's output
   is not finite: when the model's forward returns, the step is undone and the forward pass is
   rerun at the restored parameters, and its output replaces the broken one — the user's loop
   sees a normal output;
