@@ -122,17 +122,15 @@ def check_state(y0: object, name: str = "y0") -> Tensor:
     if not y0.is_floating_point():
         raise TypeError(f"`{name}` must be a floating point tensor; got dtype {y0.dtype}.")
     if not torch._C._are_functorch_transforms_active():  # data-dependent checks cannot run under vmap
-        with torch.no_grad():
-            if not bool(torch.isfinite(y0).all()):
-                raise NonFiniteStateError(f"`{name}` contains non-finite values (NaN or inf).")
+        check_finite(y0, name)
     return y0
 
 
 def check_finite(x: Tensor, name: str) -> None:
-    """Raise a ValueError naming `name` if `x` holds NaN or inf."""
+    """Raise a `NonFiniteStateError` (a ValueError) naming `name` if the state `x` holds NaN or inf."""
     with torch.no_grad():
         if not bool(torch.isfinite(x).all()):
-            raise ValueError(f"`{name}` contains non-finite values (NaN or inf).")
+            raise NonFiniteStateError(f"`{name}` contains non-finite values (NaN or inf).")
 
 
 def check_tolerance(name: str, value: float | None, default: float) -> float:

@@ -144,9 +144,10 @@ class SnoptCheck:
         self.raise_on_failure = raise_on_failure
 
     def _report(self, what: str, method: str, step_size: float, x0: Tensor,
-                pairs: Callable[[float], Mapping[str, tuple[Tensor, Tensor]]]) -> ConvergenceReport:
+                pairs: Callable[[int], Mapping[str, tuple[Tensor, Tensor]]]) -> ConvergenceReport:
+        # pairs(k): (snopt, reference) per block on the grid of step step_size / k
         order = ORDER[method]
-        coarse, fine = pairs(step_size), pairs(step_size / 2)
+        coarse, fine = pairs(1), pairs(2)
         floor = ROUNDOFF * torch.finfo(x0.dtype).eps
         blocks = tuple(BlockConvergence(k, rel_err(*coarse[k]), rel_err(*fine[k]), floor, max(self.rtol, floor),
                                         0.5 * 2.0 ** order) for k in fine)
@@ -177,13 +178,11 @@ class SnoptCheck:
         check_grid_method(method)
         steps = _span(t_span, step_size)
 
-        def pairs(h: float) -> dict[str, tuple[Tensor, Tensor]]:
-            got = second_order(func, x0, t_span, loss_fn, method=method, options={"step_size": h},
+        def pairs(k: int) -> dict[str, tuple[Tensor, Tensor]]:
+            got = second_order(func, x0, t_span, loss_fn, method=method, options={"step_size": step_size / k},
                                gauss_newton=gauss_newton, wrt_t1=wrt_t1)
-            ref = GridReference(func, x0, t_span, loss_fn, method=method,
-                                steps=round(steps * step_size / h)).second_order(gauss_newton=gauss_newton,
-                                                                                 wrt_t1=wrt_t1)
-            return _block_pairs(got, ref)
+            ref = GridReference(func, x0, t_span, loss_fn, method=method, steps=steps * k)
+            return _block_pairs(got, ref.second_order(gauss_newton=gauss_newton, wrt_t1=wrt_t1))
 
         return self._report("snopt.second_order", method, step_size, x0, pairs)
 
@@ -215,9 +214,9 @@ class SnoptCheck:
         if v.shape != (p,):
             raise ValueError(f"`v` must have shape ({p},) (the trainable parameters, flattened); got {tuple(v.shape)}.")
 
-        def pairs(h: float) -> dict[str, tuple[Tensor, Tensor]]:
-            ref = GridReference(func, x0, t_span, loss_fn, method=method, steps=round(steps * step_size / h))
-            grid = {"step_size": h}
+        def pairs(k: int) -> dict[str, tuple[Tensor, Tensor]]:
+            ref = GridReference(func, x0, t_span, loss_fn, method=method, steps=steps * k)
+            grid = {"step_size": step_size / k}
             return {"hvp": (hvp(func, x0, t_span, loss_fn, v, method=method, options=grid), ref.hvp(v)),
                     "ggn_vp": (ggn_vp(func, x0, t_span, loss_fn, v, method=method, options=grid), ref.ggn_vp(v))}
 
